@@ -1,0 +1,2 @@
+from .base import BaseDistiller
+from .semi_implicit import SemiImplicitDistiller

@@ -1,0 +1,1 @@
+from .semi_implicit import CoSIMTimeSampler, FixedMixingTimeSampler, rho_ramp
