@@ -40,7 +40,8 @@ class BaseDistiller(BaseModel):
     def __init__(self, teacher, schedule=dict(type='EDMSchedule'), sampler=None,
                  ema_half_life_images=None, ema_rampup=None,
                  data_preprocessor=dict(type='DistillDataPreprocessor'), init_cfg=None):
-        super().__init__(data_preprocessor=data_preprocessor, init_cfg=init_cfg)
+        # built here so that gdistill's scope applies without a runner's default scope
+        super().__init__(data_preprocessor=build(MODELS, data_preprocessor), init_cfg=init_cfg)
         self.teacher = build(TEACHERS, teacher).freeze()
         self.schedule = build(SCHEDULES, schedule)
         self.sampler = build(SAMPLERS, sampler)

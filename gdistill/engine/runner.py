@@ -8,6 +8,7 @@ import re
 
 import torch
 import torch.distributed as dist
+from mmengine.dist import is_main_process
 from mmengine.runner import Runner
 from mmengine.runner import checkpoint as mm_checkpoint
 
@@ -127,6 +128,8 @@ class GdRunner(Runner):
     def save_checkpoint(self, out_dir, filename, *args, **kwargs):
         tmp = f'.{filename}.tmp'
         super().save_checkpoint(out_dir, tmp, *args, **kwargs)
+        if not is_main_process():  # only the main process writes files
+            return
         os.replace(osp.join(out_dir, tmp), osp.join(out_dir, filename))
         with open(osp.join(self.work_dir, 'last_checkpoint.tmp'), 'w') as f:
             f.write(osp.relpath(osp.join(out_dir, filename), self.work_dir))
