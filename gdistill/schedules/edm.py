@@ -1,7 +1,7 @@
 import torch
 
 from ..registry import SCHEDULES
-from .base import NoiseSchedule, _check_range
+from .base import NoiseSchedule
 
 
 @SCHEDULES.register_module()
@@ -9,7 +9,8 @@ class EDMSchedule(NoiseSchedule):
     """EDM (Karras et al. 2022, Table 1 "ours"): a(t) = 1, σ(t) = t, so t is the noise level."""
 
     def __init__(self, sigma_min=0.002, sigma_max=80.0):
-        _check_range('EDMSchedule', sigma_min, sigma_max)
+        if not 0 < sigma_min < sigma_max < float('inf'):
+            raise ValueError(f'EDMSchedule: need 0 < sigma_min < sigma_max < inf, got {sigma_min}, {sigma_max}')
         self.t_min, self.t_max = float(sigma_min), float(sigma_max)
 
     def alpha(self, t):

@@ -12,7 +12,7 @@ class VESchedule(NoiseSchedule):
     σ(t) = σ_min·(σ_max/σ_min)^t for t ∈ [0, 1]."""
 
     def __init__(self, sigma_min=0.002, sigma_max=80.0):
-        if not 0 < sigma_min < sigma_max:
+        if not 0 < sigma_min < sigma_max < math.inf:
             raise ValueError(f'VESchedule: need 0 < sigma_min < sigma_max, got {sigma_min}, {sigma_max}')
         self.sigma_min, self.sigma_max = float(sigma_min), float(sigma_max)
         self.t_min, self.t_max = 0.0, 1.0

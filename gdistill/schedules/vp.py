@@ -16,6 +16,8 @@ class VPSchedule(NoiseSchedule):
         if beta_d < 0 or beta_min < 0 or beta_d + beta_min <= 0:
             raise ValueError(f'VPSchedule: need beta_d, beta_min >= 0 and not both 0, got {beta_d}, {beta_min}')
         _check_range('VPSchedule', t_min, t_max)
+        if t_min < 0:
+            raise ValueError(f'VPSchedule: need t_min >= 0, got {t_min}')
         self.beta_d, self.beta_min = float(beta_d), float(beta_min)
         self.t_min, self.t_max = float(t_min), float(t_max)
 
