@@ -32,18 +32,6 @@ TINY = {
 PRECONDS = [EDMPrecond, VPPrecond, VEPrecond, iDDPMPrecond]
 
 
-@pytest.fixture(autouse=True, scope='module')
-def one_thread():
-    """Tiny networks run fastest single-threaded (and do not stall on a busy machine).
-    EDM networks are float32: run with that default even if another test module
-    changed it."""
-    threads, dtype = torch.get_num_threads(), torch.get_default_dtype()
-    torch.set_num_threads(1)
-    torch.set_default_dtype(torch.float32)
-    yield
-    torch.set_num_threads(threads)
-    torch.set_default_dtype(dtype)
-
 
 def randomize_(net, seed=0, scale=0.1):
     """Perturb every parameter so zero-initialised layers (ADM's output conv, the two-time

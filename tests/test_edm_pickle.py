@@ -32,18 +32,6 @@ TINY_ADM = dict(model_type='DhariwalUNet', model_channels=32, channel_mult=[1, 2
                 attn_resolutions=[8], dropout=0.1)
 
 
-@pytest.fixture(autouse=True, scope='module')
-def one_thread():
-    """Tiny networks run fastest single-threaded (and do not stall on a busy machine).
-    EDM networks are float32: run with that default even if another test module
-    changed it."""
-    threads, dtype = torch.get_num_threads(), torch.get_default_dtype()
-    torch.set_num_threads(1)
-    torch.set_default_dtype(torch.float32)
-    yield
-    torch.set_num_threads(threads)
-    torch.set_default_dtype(dtype)
-
 
 # --- writing EDM-format pickles --------------------------------------------------------------
 def _reconstruct_persistent_obj(meta):  # pickled by reference only; never called here

@@ -19,15 +19,6 @@ MU = torch.tensor([0.7, -1.2], dtype=torch.float64)
 S = torch.tensor([0.5, 1.5], dtype=torch.float64)
 
 
-@pytest.fixture(autouse=True, scope='module')
-def _one_thread():
-    """Element-wise float64 work on ~10⁵ numbers: one thread is as fast and does not stall when
-    other processes share the two cores (measured 0.7 s vs 17 s under load)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def gaussian_denoiser(mu=MU, s=S):
     def denoise(x, sigma, class_labels=None):

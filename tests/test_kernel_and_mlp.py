@@ -12,13 +12,6 @@ from gdistill.schedules import EDMSchedule, VPSchedule
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
 
 def rand_times(schedule, n, g):
     return schedule.t_min + (schedule.t_max - schedule.t_min) * torch.rand(n, generator=g, dtype=F64)

@@ -7,13 +7,6 @@ from gdistill.samplers.multistep import MultistepSampler
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
 
 def ramp(i, n, smin=0.002, smax=80.0, rho=7.0):
     """Point i of an n-point ρ-ramp from smax to smin (Karras et al. eq. 5)."""

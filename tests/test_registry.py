@@ -17,13 +17,6 @@ from gdistill.schedules import EDMSchedule, VESchedule
 SCHEDULE_NAMES = ['EDMSchedule', 'TrigFlowSchedule', 'VESchedule', 'VPSchedule']
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
 
 def test_unknown_type_names_closest_match_and_known_list():
     with pytest.raises(UnknownTypeError) as info:

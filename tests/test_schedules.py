@@ -14,13 +14,6 @@ SETTINGS = settings(max_examples=30, deadline=None,
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
 
 SCHEDULES = {
     'edm': EDMSchedule(),

@@ -11,13 +11,6 @@ from gdistill.time_samplers import CoSIMTimeSampler, FixedMixingTimeSampler, rho
 N = 20000
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
 
 def gen(seed=0):
     return torch.Generator().manual_seed(seed)

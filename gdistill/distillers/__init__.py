@@ -1,2 +1,3 @@
 from .base import BaseDistiller
 from .semi_implicit import SemiImplicitDistiller
+from .denoising import DenoisingTrainer

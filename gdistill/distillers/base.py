@@ -32,13 +32,17 @@ class BaseDistiller(BaseModel):
     """``teacher``: a TEACHERS config (frozen; no gradients, no optimiser state).
     ``ema_half_life_images``: the EMA of the generator has β = 0.5^(batch/half-life) per step;
     with ``ema_rampup`` r the half-life is capped at r·(images seen), as in EDM's training.
-    ``sampler``: the default SAMPLERS config for ``sample``."""
+    ``sampler``: the default SAMPLERS config for ``sample``.
+    ``student_dropout``: if given, the dropout rate of the students copied from the teacher
+    (every sub-module with a float ``dropout`` attribute, e.g. EDM's UNet blocks); the frozen
+    teacher runs in eval mode, so its own rate never matters. Needed because an EDM pickle
+    (``teacher.path``) brings its training dropout (0.13 on CIFAR-10), not the distillation one."""
 
     #: names of the trained sub-networks, each with an optimiser wrapper of the same name
     trained = ('generator',)
 
     def __init__(self, teacher, schedule=dict(type='EDMSchedule'), sampler=None,
-                 ema_half_life_images=None, ema_rampup=None,
+                 ema_half_life_images=None, ema_rampup=None, student_dropout=None,
                  data_preprocessor=dict(type='DistillDataPreprocessor'), init_cfg=None):
         # built here so that gdistill's scope applies without a runner's default scope
         super().__init__(data_preprocessor=build(MODELS, data_preprocessor), init_cfg=init_cfg)
@@ -47,6 +51,9 @@ class BaseDistiller(BaseModel):
         self.sampler = build(SAMPLERS, sampler)
         self.ema_half_life_images = ema_half_life_images
         self.ema_rampup = ema_rampup
+        if student_dropout is not None and not 0 <= student_dropout < 1:
+            raise ValueError(f'student_dropout must be in [0, 1), got {student_dropout}')
+        self.student_dropout = student_dropout
         self.register_buffer('images_seen', torch.zeros((), dtype=torch.float64))
 
     # --- networks -------------------------------------------------------------------------
@@ -57,6 +64,14 @@ class BaseDistiller(BaseModel):
             raise ValueError(f'{type(self.teacher).__name__} has no network to initialise the '
                              'students from; give the distiller an explicit generator config')
         net = copy.deepcopy(net).requires_grad_(True)
+        if self.student_dropout is not None:
+            blocks = [m for m in net.modules() if isinstance(getattr(m, 'dropout', None), (int, float))
+                      and not isinstance(m.dropout, bool)]
+            if not blocks:
+                raise ValueError(f'student_dropout={self.student_dropout}: {type(net).__name__} '
+                                 'has no sub-module with a float `dropout` rate to set')
+            for m in blocks:
+                m.dropout = float(self.student_dropout)
         net.train()
         return net
 

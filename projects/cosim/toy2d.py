@@ -13,13 +13,13 @@ torch_threads = 2
 model = dict(
     type='SemiImplicitDistiller',
     teacher=dict(type='NetworkTeacher', network=network,
-                 fit=dict(target=dict(type='MixtureTeacher', mixture=mixture), iters=3000, batch_size=1024)),
+                 fit=dict(target=dict(type='MixtureTeacher', mixture=mixture), iters=2000, batch_size=1024)),
     schedule=dict(type='EDMSchedule'),
     kernel=dict(type='GaussianKernel'),
     divergence=dict(type='GFIDivergence', h=dict(type='QuadraticH', alpha=1.2), coef=1.0,
                     generator_weight='sid', aux_weight='edm'),
     time_sampler=dict(type='CoSIMTimeSampler', sigma_min=0.002, sigma_max=80.0, rho=7.0, gamma=0.5, R=2),
-    sampler=dict(type='MultistepSampler', num_steps=4, scale=2.0),
+    sampler=dict(type='MultistepSampler', num_steps=4, scale=1.7),
     ema_half_life_images=100_000,
     ema_rampup=0.5,
 )
@@ -34,7 +34,7 @@ optim_wrapper = dict(
 )
 train_cfg = dict(type='IterBasedTrainLoop', max_iters=max_iters)
 
-_student = dict(type='MultistepSampler', scale=2.0)
+_student = dict(type='MultistepSampler', scale=1.7)
 custom_hooks = [
     dict(type='SpeedHook'),
     dict(type='RandomStateHook'),

@@ -1,0 +1,58 @@
+# CoSIM on CIFAR-10 32x32, unconditional, from EDM's DDPM++ "VP" teacher — the settings of the
+# CoSIM paper (Yu et al. 2025), Appendix C, Table 5. Real runs need the official pickle:
+#   torchrun --nproc_per_node=8 tools/train.py projects/cosim/cifar10.py --launcher pytorch \
+#       --cfg-options teacher.path=/path/to/edm-cifar10-32x32-uncond-vp.pkl teacher.network=None
+# Without teacher.path the teacher has random weights (smoke tests only).
+_base_ = ['../../configs/_base_/default_runtime.py', '../../configs/_base_/teachers/edm_cifar10_uncond_vp.py']
+
+# Global batch 2048 (Table 5) = per-GPU batch 32 x 8 GPUs x accumulative_counts 8.
+# On another number of GPUs keep the product: e.g. 4 GPUs -> accumulative_counts=16.
+batch_per_gpu = 32
+num_gpus = 8
+accumulative_counts = 8
+global_batch = batch_per_gpu * num_gpus * accumulative_counts          # 2048
+training_images = 200_000_000                                          # Table 5: 200 M
+# One optimiser step per `accumulative_counts` iterations, so the run counts iterations
+# (per-GPU batches): 200 M / (32 x 8) = 781 250 iterations = 97 656 optimiser steps of 2048.
+max_iters = training_images // (batch_per_gpu * num_gpus)
+
+dropout = 0.0                                                           # Table 5
+# The students (generator, f_ψ) are deep copies of the teacher network; the teacher itself is
+# frozen and runs in eval mode, so dropout only acts on them. `student_dropout` sets it on the
+# copies (a pickle given by teacher.path brings EDM's 0.13); the network config agrees with it.
+teacher = _base_.teacher
+teacher.network.dropout = dropout
+
+adam = dict(type='Adam', lr=1e-5, betas=(0.0, 0.999), eps=1e-8)        # Table 5
+model = dict(
+    type='SemiImplicitDistiller',
+    teacher=teacher,
+    student_dropout=dropout,
+    schedule=dict(type='EDMSchedule'),
+    kernel=dict(type='GaussianKernel'),
+    # α = 1.2 and coef = α(1+λ) = 1
+    divergence=dict(type='GFIDivergence', h=dict(type='QuadraticH', alpha=1.2), coef=1.0,
+                    generator_weight='sid', aux_weight='edm'),
+    time_sampler=dict(type='CoSIMTimeSampler', sigma_min=0.002, sigma_max=80.0, rho=7.0, gamma=0.5, R=4),
+    sampler=dict(type='MultistepSampler', num_steps=4),
+    ema_half_life_images=500_000,                                       # Table 5: 0.5 M images
+)
+
+train_dataloader = dict(batch_size=batch_per_gpu, num_workers=2, persistent_workers=True,
+                        sampler=dict(type='InfiniteSampler', shuffle=False),
+                        dataset=dict(type='DistillationDataset'))
+optim_wrapper = dict(
+    constructor='MultiOptimWrapperConstructor',
+    generator=dict(optimizer=adam, accumulative_counts=accumulative_counts),
+    aux=dict(optimizer=adam, accumulative_counts=accumulative_counts),
+)
+train_cfg = dict(type='IterBasedTrainLoop', max_iters=max_iters)
+
+custom_hooks = [
+    dict(type='SpeedHook'),
+    dict(type='RandomStateHook'),
+    # 64 samples from fixed noise every 10 000 iterations (≈ 2.6 M images)
+    dict(type='SampleVisualizationHook', interval=10_000, num_samples=64),
+]
+default_hooks = dict(logger=dict(type='LoggerHook', interval=100),
+                     checkpoint=dict(type='CheckpointHook', by_epoch=False, interval=20_000, max_keep_ckpts=3))
