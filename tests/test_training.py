@@ -66,6 +66,17 @@ def test_resume_gives_the_weights_of_an_unbroken_run(tmp_path):
     # the broken run really resumed (it did not start again from iteration 0)
     assert not torch.equal(a['generator.out.weight'], weights(tmp_path / 'broken' / 'iter_3.pth')['generator.out.weight'])
 
+    # tools/sample.py: the checkpoint's student at 2 steps, saved as .npz and .png
+    out = subprocess.run([sys.executable, osp.join(ROOT, 'tools', 'sample.py'), TINY, str(tmp_path / 'straight' / 'iter_6.pth'),
+                          '--steps', '2', '--num', '300', '--out', str(tmp_path / 'samples'),
+                          '--cfg-options', f'model.teacher.fit.cache_dir={cache}'],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    import numpy as np
+    x = np.load(tmp_path / 'samples' / 'samples_nfe2.npz')['samples']
+    assert x.shape == (300, 2) and np.isfinite(x).all()
+    assert (tmp_path / 'samples' / 'samples_nfe2.png').stat().st_size > 1000
+
 
 @pytest.mark.slow
 def test_two_processes_on_gloo(tmp_path):
