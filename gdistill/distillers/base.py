@@ -28,6 +28,24 @@ def unwrap(module):
     return module.module if is_model_wrapper(module) else module
 
 
+def world_size():
+    dist = torch.distributed
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+@torch.no_grad()
+def ema_step(ema, net, batch_size, half_life, images_seen, rampup=None):
+    """One EMA update of ``ema`` towards ``net``: β = 0.5^(batch/half-life), the half-life in
+    images, capped at rampup·(images seen) when ``rampup`` is set (EDM's training)."""
+    if rampup is not None:
+        half_life = min(half_life, images_seen * rampup)
+    beta = 0.5 ** (batch_size / max(half_life, 1e-8))
+    for p_ema, p in zip(ema.parameters(), net.parameters()):
+        p_ema.lerp_(p.detach(), 1 - beta)
+    for b_ema, b in zip(ema.buffers(), net.buffers()):
+        b_ema.copy_(b)
+
+
 class BaseDistiller(BaseModel):
     """``teacher``: a TEACHERS config (frozen; no gradients, no optimiser state).
     ``ema_half_life_images``: the EMA of the generator has β = 0.5^(batch/half-life) per step;
@@ -84,16 +102,9 @@ class BaseDistiller(BaseModel):
     @torch.no_grad()
     def update_ema(self, batch_size):
         self.images_seen += batch_size
-        if self.generator_ema is None:
-            return
-        half_life = self.ema_half_life_images
-        if self.ema_rampup is not None:
-            half_life = min(half_life, float(self.images_seen) * self.ema_rampup)
-        beta = 0.5 ** (batch_size / max(half_life, 1e-8))
-        for p_ema, p in zip(self.generator_ema.parameters(), unwrap(self.generator).parameters()):
-            p_ema.lerp_(p.detach(), 1 - beta)
-        for b_ema, b in zip(self.generator_ema.buffers(), unwrap(self.generator).buffers()):
-            b_ema.copy_(b)
+        if self.generator_ema is not None:
+            ema_step(self.generator_ema, unwrap(self.generator), batch_size, self.ema_half_life_images,
+                     float(self.images_seen), self.ema_rampup)
 
     def train(self, mode=True):
         super().train(mode)
@@ -146,14 +157,9 @@ class BaseDistiller(BaseModel):
             loss, logs = self.parse_losses(losses)
             wrapper.update_params(loss)
             log_vars.update(logs)
-        self.update_ema(n * self.world_size)
+        self.update_ema(n * world_size())
         log_vars.pop('loss', None)
         return log_vars
-
-    @property
-    def world_size(self):
-        dist = torch.distributed
-        return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
     # --- sampling ----------------------------------------------------------------------------
     def sampling_network(self, use_ema=True):

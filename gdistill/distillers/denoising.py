@@ -8,7 +8,7 @@ from mmengine.model import BaseModel
 
 from ..registry import MODELS, SAMPLERS, build
 from ..utils import append_dims
-from .base import unwrap
+from .base import ema_step, unwrap, world_size
 
 
 @MODELS.register_module()
@@ -115,14 +115,9 @@ class DenoisingTrainer(BaseModel):
             losses = dict(loss_denoise=self.denoising_loss(images, labels).mean())
         loss, log_vars = self.parse_losses(losses)
         wrapper.update_params(loss)
-        self.update_ema(images.shape[0] * self.world_size)
+        self.update_ema(images.shape[0] * world_size())
         log_vars.pop('loss', None)
         return log_vars
-
-    @property
-    def world_size(self):
-        dist = torch.distributed
-        return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
     @torch.no_grad()
     def update_ema(self, batch_size):
