@@ -17,7 +17,13 @@ class SemiImplicitDistiller(BaseDistiller):
 
     ``aux_steps``: ψ-updates per φ-update. ``generator``/``aux``: network configs; by default
     both start from the teacher's network, f_ψ with a second time path (equal to the teacher
-    at initialisation)."""
+    at initialisation).
+
+    ``share_batch``: the last ψ-update and the φ-update use one draw of (s, t, x_t, ε), so the
+    generator's and the teacher's forward passes run once per iteration, not twice (G has not
+    changed between the two updates, so the ψ-stage sees the same x̂₀ and x_s it would compute
+    itself). About a third fewer forward passes, for the memory of keeping those two graphs
+    alive across the ψ-update. Algorithm 2 draws afresh for each update (the default)."""
 
     trained = ('aux', 'generator')
 
@@ -25,7 +31,8 @@ class SemiImplicitDistiller(BaseDistiller):
                  kernel=dict(type='GaussianKernel'), divergence=dict(type='GFIDivergence'),
                  time_sampler=dict(type='CoSIMTimeSampler'),
                  sampler=dict(type='MultistepSampler', num_steps=4),
-                 generator=None, aux=None, aux_steps=1, mixing_network='generator', **kwargs):
+                 generator=None, aux=None, aux_steps=1, mixing_network='generator', share_batch=False,
+                 **kwargs):
         super().__init__(teacher, schedule=schedule, sampler=sampler, **kwargs)
         self.kernel = build(KERNELS, kernel)
         self.divergence = build(DIVERGENCES, divergence)
@@ -38,6 +45,11 @@ class SemiImplicitDistiller(BaseDistiller):
         if mixing_network not in ('generator', 'ema'):
             raise ValueError(f"mixing_network is 'generator' or 'ema', got {mixing_network!r}")
         self.aux_steps, self.mixing_network = int(aux_steps), mixing_network
+        if share_batch and getattr(self.time_sampler, 'aux_lognormal', None) is not None:
+            raise ValueError('share_batch needs one time distribution for both stages, but the time '
+                             f'sampler draws the ψ-stage differently (aux_lognormal={self.time_sampler.aux_lognormal})')
+        self.share_batch = bool(share_batch)
+        self._aux_done, self._shared = 0, None
         self.make_ema()
 
     def phases(self):
@@ -72,26 +84,35 @@ class SemiImplicitDistiller(BaseDistiller):
         return pairs, self.mixing_samples(pairs, labels)
 
     # --- the two stages -------------------------------------------------------------------------
-    def aux_losses(self, n, labels, data):
-        pairs, x_t = self._draw(n, labels, 'aux')
+    def kernel_pass(self, n, labels, stage, grad):
+        """One draw through the kernel: x̂₀ = G(x_t, t), x_s = a(s)·x̂₀ + σ(s)·ε and the teacher's
+        denoiser f_φ(x_s), with gradients (to G and through x_s) when ``grad``."""
+        pairs, x_t = self._draw(n, labels, stage)
         s, t = pairs['s'], pairs['t']
-        with torch.no_grad():
-            x0 = self.denoise(unwrap(self.generator), x_t, t, labels)
+        with torch.set_grad_enabled(grad):
+            x0 = self.denoise(self.generator if grad else unwrap(self.generator), x_t, t, labels)
             x_s = self.kernel.sample(x0, s, self.schedule, self._randn(n))
             f_phi = self.teacher.denoise(x_s, s, self.schedule, labels)
-        f_psi = self.denoise(self.aux, x_s, s, labels, cond_t=t)
+        return dict(pairs=pairs, x0=x0, x_s=x_s, f_phi=f_phi)
+
+    def aux_losses(self, n, labels, data):
+        self._aux_done += 1
+        keep = self.share_batch and self._aux_done == self.aux_steps and torch.is_grad_enabled()
+        k = self.kernel_pass(n, labels, 'generator' if keep else 'aux', grad=keep)
+        self._shared = k if keep else None
+        pairs, x0, x_s, f_phi = k['pairs'], k['x0'].detach(), k['x_s'].detach(), k['f_phi'].detach()
+        f_psi = self.denoise(self.aux, x_s, pairs['s'], labels, cond_t=pairs['t'])
         w = self.divergence.aux_weight(x0, f_phi, pairs['sigma_s'], self.teacher.sigma_data)
         loss = self.divergence.aux_loss(f_phi - x0, f_phi - f_psi, w)
         return dict(loss_aux=_finite_mean(loss))
 
     def generator_losses(self, n, labels, data):
-        pairs, x_t = self._draw(n, labels, 'generator')
-        s, t = pairs['s'], pairs['t']
-        x0 = self.denoise(self.generator, x_t, t, labels)
-        x_s = self.kernel.sample(x0, s, self.schedule, self._randn(n))
+        k, self._shared, self._aux_done = self._shared, None, 0
+        if k is None:
+            k = self.kernel_pass(n, labels, 'generator', grad=True)
+        pairs, x0, x_s, f_phi = k['pairs'], k['x0'], k['x_s'], k['f_phi']
         with frozen(unwrap(self.aux)) as aux:
-            f_psi = self.denoise(aux, x_s, s, labels, cond_t=t)
-        f_phi = self.teacher.denoise(x_s, s, self.schedule, labels)
+            f_psi = self.denoise(aux, x_s, pairs['s'], labels, cond_t=pairs['t'])
         w = self.divergence.generator_weight(x0, f_phi, pairs['sigma_s'], self.teacher.sigma_data)
         loss = self.divergence.generator_loss(f_phi - x0, f_phi - f_psi, w)
         return dict(loss_generator=_finite_mean(loss))

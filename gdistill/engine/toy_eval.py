@@ -68,12 +68,14 @@ def format_table(rows):
 class ToyEvaluationHook(Hook):
     """At the end of training (and every ``interval`` iterations, with ``interval_samples``),
     evaluates ``evaluations`` on ``mixture``; at the end writes ``metrics.json`` (a list of rows),
-    prints the table and saves ``samples.png`` in the work dir; scalars go to tensorboard."""
+    prints the table and saves ``samples.png`` in the work dir; scalars go to tensorboard.
+    ``mixture=None``: the mixture the teacher models (``teacher.mixture``), so a config that
+    swaps the teacher's mixture is evaluated on the new one."""
 
     priority = 'LOW'
 
-    def __init__(self, mixture, evaluations, num_samples=20000, interval=0, interval_samples=4000, seed=0):
-        self.mixture = make_mixture(mixture)
+    def __init__(self, evaluations, mixture=None, num_samples=20000, interval=0, interval_samples=4000, seed=0):
+        self.mixture = make_mixture(mixture) if mixture is not None else None
         self.evaluations = evaluations
         self.num_samples, self.interval, self.interval_samples, self.seed = \
             num_samples, interval, interval_samples, seed
@@ -81,6 +83,14 @@ class ToyEvaluationHook(Hook):
 
     def _model(self, runner):
         return getattr(runner.model, 'module', runner.model)
+
+    def before_train(self, runner):
+        if self.mixture is None:
+            teacher = self._model(runner).teacher
+            if getattr(teacher, 'mixture', None) is None:
+                raise ValueError(f'ToyEvaluationHook: no mixture given and the teacher '
+                                 f'({type(teacher).__name__}) models none; set the hook\'s `mixture`')
+            self.mixture = teacher.mixture
 
     def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None):
         if not self.interval or not self.every_n_train_iters(runner, self.interval) or not is_main_process():

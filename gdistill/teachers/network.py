@@ -29,6 +29,7 @@ class NetworkTeacher(Teacher):
         self.sigma_data = float(getattr(self.network, 'sigma_data', 0.5))
         self.label_dim = int(getattr(self.network, 'label_dim', label_dim) or 0)
         self.fit_report = None
+        self.mixture = None
         if checkpoint is not None:
             if not osp.isfile(checkpoint):
                 raise FileNotFoundError(f'NetworkTeacher: checkpoint {checkpoint!r} does not exist')
@@ -45,6 +46,12 @@ class NetworkTeacher(Teacher):
     # --- fitting to an exact target -------------------------------------------------------------
     def _fit_or_load(self, network_cfg, fit):
         target = build(TEACHERS, fit.pop('target'))
+        dim = getattr(self.network, 'dim', None)
+        if dim is not None and tuple(target.data_shape) != (dim,):
+            raise ValueError(f'NetworkTeacher: the network takes {dim}-dimensional data but the fit '
+                             f'target {type(target).__name__} has shape {tuple(target.data_shape)}; '
+                             f'set network.dim={target.data_shape[0]}')
+        self.mixture = getattr(target, 'mixture', None)  # the exact distribution, for evaluation
         settings = dict(iters=3000, batch_size=1024, lr=2e-3, P_mean=-1.2, P_std=1.6, seed=0)
         unknown = set(fit) - set(settings) - {'cache_dir'}
         if unknown:
