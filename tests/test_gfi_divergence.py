@@ -159,6 +159,34 @@ def test_sid_fused_loss_is_negative_at_its_inner_optimum_for_alpha_above_one():
         assert sign * value > 0
 
 
+def test_sid_and_cosim_share_the_phi_equilibrium():
+    """Both φ-objectives, with f_ψ frozen at its own inner optimum (SiD: ∇log q; CoSIM: eq. 16),
+    have zero expected φ-gradient exactly at q = p and push (g, b) the same way elsewhere."""
+    s_p, v_t, sigma_s, n = 1.0, 2.0, 0.7, 400_000
+    g_match = s_p / math.sqrt(v_t)
+    gen = torch.Generator().manual_seed(5)
+    x_t = math.sqrt(v_t) * torch.randn(n, D, generator=gen)
+    eps = torch.randn(n, D, generator=gen)
+
+    def phi_gradient(coef, g0, b0):
+        div = GFIDivergence(h=dict(type='QuadraticH', alpha=1.2), coef=coef, generator_weight='none')
+        g, b = torch.tensor(g0, requires_grad=True), torch.tensor(b0, requires_grad=True)
+        x0 = g * x_t + b
+        x_s = x0 + sigma_s * eps
+        f_phi = s_p ** 2 / (s_p ** 2 + sigma_s ** 2) * x_s
+        S, grad_log_q = scores(x_s, s_p, v_t, g.detach(), b.detach(), sigma_s)   # ψ frozen
+        f_psi = x_s + sigma_s ** 2 * (div.beta * grad_log_q + (1 - div.beta) * S)
+        loss = div.generator_loss(f_phi - x0, f_phi - f_psi, torch.ones(n)).mean()
+        return torch.stack(torch.autograd.grad(loss, (g, b)))
+
+    for coef in (0.5, 1.0):                           # SiD (α(1+λ) = ½) and CoSIM (α(1+λ) = 1)
+        assert phi_gradient(coef, g_match, 0.0).abs().max() < 1e-8
+    sid, cosim = phi_gradient(0.5, 0.4, 0.3), phi_gradient(1.0, 0.4, 0.3)
+    assert sid.abs().min() > 0.02 and cosim.abs().min() > 0.02
+    assert torch.equal(torch.sign(sid), torch.sign(cosim))
+    assert sid[0] < 0 < sid[1]                          # descent raises g towards g_match, lowers b
+
+
 def test_aux_loss_is_zero_exactly_at_its_pointwise_optimum_and_positive_elsewhere():
     div = GFIDivergence(h=dict(type='QuadraticH', alpha=1.2), coef=1.0)
     d = torch.randn(64, 5)

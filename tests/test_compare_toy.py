@@ -1,0 +1,41 @@
+"""tools/compare_toy.py: the mixture swap reaches every place a toy config names the data, and
+the table is assembled from the runs' files."""
+import json
+import os.path as osp
+import sys
+
+ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
+sys.path.insert(0, osp.join(ROOT, 'tools'))
+import compare_toy  # noqa: E402
+
+
+def test_mixture_swap_reaches_teacher_and_network():
+    cfg = compare_toy.variant_config('cosim', 'random16', iters=7, eval_interval=5)
+    teacher = cfg.model.teacher
+    assert teacher.fit.target.mixture == dict(name='random_mixture', dim=16)
+    assert teacher.network.dim == 16 and teacher.network.hidden == 256
+    assert cfg.train_cfg.max_iters == 7
+    hook = [h for h in cfg.custom_hooks if h['type'] == 'ToyEvaluationHook'][0]
+    assert hook['interval'] == 5
+    grid = compare_toy.variant_config('sid', 'grid25', iters=7, eval_interval=5)
+    assert grid.model.teacher.fit.target.mixture == dict(name='grid25') and grid.model.teacher.network.dim == 2
+
+
+def test_table_from_run_files(tmp_path):
+    args = type('A', (), dict(iters=10, jobs=1, mixtures=['ring8'], methods=['cosim', 'sid'],
+                              work_dir=str(tmp_path), mmd_target=0.01, eval_interval=5))()
+    row = dict(sw2=0.2, mmd=0.005, near_mode=0.9, mode_tv=0.03, nll=2.5)
+    for method, first in (('cosim', 'CoSIM'), ('sid', 'SiD')):
+        d = tmp_path / 'ring8' / method
+        d.mkdir(parents=True)
+        rows = [dict(name=first, nfe=1, **row), dict(name='teacher Heun', nfe=35, **row),
+                dict(name='exact floor', nfe=0, **row)]
+        (d / 'metrics.json').write_text(json.dumps(rows))
+        history = [dict(iter=5, mmd=0.02), dict(iter=10, mmd=0.008 if method == 'cosim' else 0.02)]
+        (d / 'eval_details.json').write_text(json.dumps(dict(history=history)))
+    statuses = [dict(method='cosim', mixture='ring8', status='done'), dict(method='sid', mixture='ring8', status='done')]
+    table = compare_toy.collect(args, statuses)
+    assert table.count('teacher Heun') == 1 and table.count('exact floor') == 1   # shared rows once
+    assert '| ring8 | cosim | 10 |' in table and '| ring8 | sid | > 10 |' in table
+    failed = compare_toy.collect(args, [dict(method='sid', mixture='ring8', status='failed', error='boom')])
+    assert 'failed: boom' in failed
