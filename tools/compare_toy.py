@@ -1,7 +1,7 @@
 """Train every method on the toy mixtures with the same budget and tabulate the results.
 
     python tools/compare_toy.py [--methods cosim sid hsivi ...] [--mixtures ring8 grid25 random16]
-        [--iters 4000] [--jobs 2] [--work-dir work_dirs/compare] [--out docs/toy_comparison.md]
+        [--iters 4000] [--jobs 2] [--threads T] [--work-dir work_dirs/compare] [--out FILE.md]
         [--mmd-target 0.01]
 
 Each (method, mixture) run is the method's toy config with the mixture swapped everywhere it
@@ -183,13 +183,15 @@ def main(argv=None):
     p.add_argument('--eval-interval', type=int, default=250)
     p.add_argument('--mmd-target', type=float, default=0.01)
     p.add_argument('--jobs', type=int, default=1)
+    p.add_argument('--threads', type=int, default=None,
+                   help='torch threads per run (default: the cores split between the jobs)')
     p.add_argument('--work-dir', default=osp.join('work_dirs', 'compare'))
     p.add_argument('--out', default=None, help='markdown file for the table (default: WORK_DIR/comparison.md)')
     args = p.parse_args(argv)
     missing = [m for m in args.methods if not osp.isfile(osp.join(ROOT, METHODS[m]))]
     if missing:
         raise FileNotFoundError(f'no toy config for {missing}: expected {[METHODS[m] for m in missing]}')
-    threads = max(1, (os.cpu_count() or 1) // args.jobs)
+    threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
     todo = [(m, x) for x in args.mixtures for m in args.methods]
     with ThreadPoolExecutor(args.jobs) as pool:
         statuses = list(pool.map(lambda mx: run_variant(mx[0], mx[1], args, threads), todo))
