@@ -98,10 +98,30 @@ def run_variant(method, mixture, args, threads):
     """Train one variant unless its metrics exist; returns a status dict."""
     work_dir = osp.join(args.work_dir, mixture, method)
     metrics = osp.join(work_dir, 'metrics.json')
-    timing = osp.join(work_dir, 'wall_seconds.json')
     if osp.isfile(metrics):
         return dict(method=method, mixture=mixture, status='done')
     os.makedirs(work_dir, exist_ok=True)
+    lock = osp.join(work_dir, 'RUNNING')
+    try:   # a second comparison started beside this one must not train into the same folder
+        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        with open(lock) as f:
+            pid = f.read().strip()
+        if pid.isdigit() and osp.exists(f'/proc/{pid}'):
+            return dict(method=method, mixture=mixture, status='failed',
+                        error=f'already being trained by process {pid} (remove {lock} if it is not)')
+        os.remove(lock)
+        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    with os.fdopen(fd, 'w') as f:
+        f.write(str(os.getpid()))
+    try:
+        return _train(method, mixture, args, threads, work_dir, metrics)
+    finally:
+        os.remove(lock)
+
+
+def _train(method, mixture, args, threads, work_dir, metrics):
+    timing = osp.join(work_dir, 'wall_seconds.json')
     config = osp.join(work_dir, f'{method}_{mixture}.py')
     variant_config(method, mixture, args.iters, args.eval_interval).dump(config)
     cmd = [sys.executable, osp.join(ROOT, 'tools', 'train.py'), config, '--work-dir', work_dir,
