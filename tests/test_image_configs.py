@@ -60,9 +60,10 @@ def test_table5_settings():
     i = load_config(osp.join(ROOT, 'projects', 'cosim', 'imagenet64.py'))
     for cfg in (c, i):
         acc = cfg.optim_wrapper.generator.accumulative_counts
-        assert cfg.train_dataloader.batch_size * cfg.num_gpus * acc == 2048
+        # one iteration = one step on the global batch, each GPU's batch in `acc` micro-batches
+        assert cfg.train_dataloader.batch_size * cfg.num_gpus == 2048 and cfg.train_dataloader.batch_size == 32 * acc
         assert cfg.optim_wrapper.aux.accumulative_counts == acc
-        assert cfg.train_cfg.max_iters * cfg.train_dataloader.batch_size * cfg.num_gpus == 200_000_000
+        assert cfg.train_cfg.max_iters == 200_000_000 // 2048
         assert cfg.model.divergence.h.alpha == 1.2 and cfg.model.divergence.coef == 1.0
         assert cfg.model.sampler == dict(type='MultistepSampler', num_steps=4)
         assert cfg.optim_wrapper.generator.optimizer == cfg.optim_wrapper.aux.optimizer

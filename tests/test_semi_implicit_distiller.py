@@ -6,6 +6,7 @@ import sys
 
 import pytest
 import torch
+from mmengine.optim import OptimWrapper
 from mmengine.registry import DefaultScope
 
 from gdistill.registry import MODELS
@@ -68,50 +69,46 @@ def test_sid_fake_score_step_is_denoising_score_matching(tmp_path):
 
 
 def _capture_grads(net):
+    """The parameters' gradients summed over every backward pass."""
     grads = {}
     for name, p in net.named_parameters():
-        p.register_hook(lambda g, name=name: grads.setdefault(name, g.clone()))
+        p.register_hook(lambda g, name=name: grads.__setitem__(name, grads.get(name, 0) + g.clone()))
     return grads
 
 
-def test_shared_draw_gives_the_gradient_of_the_phi_loss_on_that_draw(tmp_path):
+@pytest.mark.parametrize('micro', [1, 2])
+def test_shared_draw_gives_the_gradient_of_the_phi_loss_on_that_draw(tmp_path, micro):
     """share_batch: the φ-update's gradient equals the gradient of the φ-loss recomputed from
-    scratch on the ψ-stage's draw (same random numbers, G before its update, ψ after its)."""
+    scratch on the ψ-stage's draws (same random numbers, G before its update, ψ after its),
+    also when each update accumulates ``micro`` micro-batches (micro-batch i reuses draw i)."""
     model = build('projects/cosim/toy2d.py', tmp_path, **{'model.share_batch': True,
                                                           'train_dataloader.batch_size': 128})
     before = copy.deepcopy(model)
     opt = {k: torch.optim.SGD(getattr(model, k).parameters(), lr=0.1) for k in ('aux', 'generator')}
 
-    class Wrapper:                      # the two calls train_step makes of an optimiser wrapper
-        def __init__(self, o):
-            self.o = o
-
-        def optim_context(self, module):
-            import contextlib
-            return contextlib.nullcontext()
-
-        def update_params(self, loss):
-            self.o.zero_grad()
-            loss.backward()
-            self.o.step()
-
     grads, aux_grads = _capture_grads(model.generator), _capture_grads(model.aux)
     torch.manual_seed(11)
-    model.train_step({'idx': list(range(128))}, {k: Wrapper(o) for k, o in opt.items()})
+    model.train_step({'idx': list(range(128))},
+                     {k: OptimWrapper(o, accumulative_counts=micro) for k, o in opt.items()})
     assert grads and aux_grads
 
-    torch.manual_seed(11)                                       # the same draw, from scratch
-    k = before.kernel_pass(128, None, 'generator', grad=True)
-    pairs, x0, f_phi = k['pairs'], k['x0'].detach(), k['f_phi'].detach()
-    f_psi = before.aux(k['x_s'].detach(), pairs['sigma_s'].float(), cond_sigma=pairs['sigma_t'].float())
-    w = before.divergence.aux_weight(x0, f_phi, pairs['sigma_s'].float(), before.teacher.sigma_data)
-    loss_aux = before.divergence.aux_loss(f_phi - x0, f_phi - f_psi, w).mean()
+    torch.manual_seed(11)                                       # the same draws, from scratch
+    draws = [before.kernel_pass(128 // micro, None, 'generator', grad=True) for _ in range(micro)]
+    loss_aux = 0
+    for k in draws:
+        pairs, x0, f_phi = k['pairs'], k['x0'].detach(), k['f_phi'].detach()
+        f_psi = before.aux(k['x_s'].detach(), pairs['sigma_s'].float(), cond_sigma=pairs['sigma_t'].float())
+        w = before.divergence.aux_weight(x0, f_phi, pairs['sigma_s'].float(), before.teacher.sigma_data)
+        loss_aux = loss_aux + before.divergence.aux_loss(f_phi - x0, f_phi - f_psi, w).mean() / micro
     for (name, p), g in zip(before.aux.named_parameters(), torch.autograd.grad(loss_aux, list(before.aux.parameters()))):
         torch.testing.assert_close(aux_grads[name], g, rtol=1e-5, atol=1e-8)
 
     before.aux.load_state_dict(model.aux.state_dict())          # ψ after its update
-    before._shared = k
-    loss = before.generator_losses(128, None, {})['loss_generator']
+    before._shared = draws
+    loss = 0
+    for i in range(micro):
+        before.micro_batch = (i, micro)
+        loss = loss + before.generator_losses(128 // micro, None, {})['loss_generator'] / micro
     expected = torch.autograd.grad(loss, list(before.generator.parameters()))
     for (name, _), g in zip(before.generator.named_parameters(), expected):
         torch.testing.assert_close(grads[name], g, rtol=1e-5, atol=1e-8)

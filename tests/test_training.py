@@ -1,4 +1,5 @@
-"""End-to-end: the train tool on a tiny toy config — options, resume, two processes."""
+"""End-to-end: the train tool on a tiny toy config — options and resume (two processes:
+tests/test_distributed.py)."""
 import os
 import os.path as osp
 import subprocess
@@ -76,12 +77,3 @@ def test_resume_gives_the_weights_of_an_unbroken_run(tmp_path):
     x = np.load(tmp_path / 'samples' / 'samples_nfe2.npz')['samples']
     assert x.shape == (300, 2) and np.isfinite(x).all()
     assert (tmp_path / 'samples' / 'samples_nfe2.png').stat().st_size > 1000
-
-
-@pytest.mark.slow
-def test_two_processes_on_gloo(tmp_path):
-    out = run(['--work-dir', str(tmp_path / 'ddp')] + tiny(tmp_path / 'cache', 4, interval=4), launcher=True)
-    assert 'Distributed training: True' in out.stdout + out.stderr
-    state = weights(tmp_path / 'ddp' / 'iter_4.pth')
-    assert float(state['images_seen']) == 2 * 4 * 64      # both ranks' batches counted, every iteration
-    assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())

@@ -4,7 +4,12 @@
     torchrun --nproc_per_node=2 tools/train.py CONFIG --launcher pytorch
 
 With no CONFIG the embedded default, projects/cosim/toy2d.py, runs. ``teacher.X=v`` in
---cfg-options is short for ``model.teacher.X=v``.
+--cfg-options is short for ``model.teacher.X=v``. The config is checked before anything is
+built (a misspelled key fails with the closest right one). Options for long runs (see
+docs/reliability.md): ``fsdp=True`` (shard the trained networks, with --launcher pytorch),
+``mixed_precision=bf16`` (CUDA only), ``optim_wrapper.<network>.accumulative_counts=k`` (each
+update over k micro-batches of the batch), ``model.nonfinite_patience=K``. --resume restarts
+exactly where the last readable checkpoint left off.
 """
 import argparse
 import os

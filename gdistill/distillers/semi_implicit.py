@@ -49,7 +49,7 @@ class SemiImplicitDistiller(BaseDistiller):
             raise ValueError('share_batch needs one time distribution for both stages, but the time '
                              f'sampler draws the ψ-stage differently (aux_lognormal={self.time_sampler.aux_lognormal})')
         self.share_batch = bool(share_batch)
-        self._aux_done, self._shared = 0, None
+        self._aux_done, self._shared = 0, []
         self.make_ema()
 
     def phases(self):
@@ -96,24 +96,32 @@ class SemiImplicitDistiller(BaseDistiller):
         return dict(pairs=pairs, x0=x0, x_s=x_s, f_phi=f_phi)
 
     def aux_losses(self, n, labels, data):
-        self._aux_done += 1
+        i, _ = self.micro_batch
+        if i == 0:                      # a new ψ-update starts (its micro-batches follow)
+            self._aux_done += 1
+            self._shared = []
         keep = self.share_batch and self._aux_done == self.aux_steps and torch.is_grad_enabled()
         k = self.kernel_pass(n, labels, 'generator' if keep else 'aux', grad=keep)
-        self._shared = k if keep else None
+        if keep:                        # the φ-update's micro-batch i takes draw i
+            self._shared.append(k)
         pairs, x0, x_s, f_phi = k['pairs'], k['x0'].detach(), k['x_s'].detach(), k['f_phi'].detach()
         f_psi = self.denoise(self.aux, x_s, pairs['s'], labels, cond_t=pairs['t'])
         w = self.divergence.aux_weight(x0, f_phi, pairs['sigma_s'], self.teacher.sigma_data)
+        w = w * pairs.get('weight', 1.0)   # a time sampler's per-pair weight (HSIVI's β(k))
         loss = self.divergence.aux_loss(f_phi - x0, f_phi - f_psi, w)
         return dict(loss_aux=_finite_mean(loss))
 
     def generator_losses(self, n, labels, data):
-        k, self._shared, self._aux_done = self._shared, None, 0
-        if k is None:
-            k = self.kernel_pass(n, labels, 'generator', grad=True)
+        i, m = self.micro_batch
+        shared = self._shared if self._shared and len(self._shared) == m else None
+        if i == m - 1:
+            self._shared, self._aux_done = [], 0
+        k = shared[i] if shared else self.kernel_pass(n, labels, 'generator', grad=True)
         pairs, x0, x_s, f_phi = k['pairs'], k['x0'], k['x_s'], k['f_phi']
         with frozen(unwrap(self.aux)) as aux:
             f_psi = self.denoise(aux, x_s, pairs['s'], labels, cond_t=pairs['t'])
         w = self.divergence.generator_weight(x0, f_phi, pairs['sigma_s'], self.teacher.sigma_data)
+        w = w * pairs.get('weight', 1.0)
         loss = self.divergence.generator_loss(f_phi - x0, f_phi - f_psi, w)
         return dict(loss_generator=_finite_mean(loss))
 

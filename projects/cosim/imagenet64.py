@@ -5,15 +5,17 @@
 # Without teacher.path the teacher has random weights (smoke tests only).
 _base_ = ['../../configs/_base_/default_runtime.py', '../../configs/_base_/teachers/edm_imagenet64_cond_adm.py']
 
-# Global batch 2048 (Table 5) = per-GPU batch 32 x 8 GPUs x accumulative_counts 8.
+# Global batch 2048 (Table 5) = 8 GPUs x 256 per GPU, each GPU's 256 taken as accumulative_counts
+# 8 micro-batches of 32 (what one forward/backward holds); every network accumulates its 8
+# micro-batches before its one step, so the alternation is that of one step on 2048.
 # On another number of GPUs keep the product: e.g. 16 GPUs -> accumulative_counts=4.
-batch_per_gpu = 32
+batch_per_gpu = 32                                                      # micro-batch
 num_gpus = 8
 accumulative_counts = 8
 global_batch = batch_per_gpu * num_gpus * accumulative_counts          # 2048
 training_images = 200_000_000                                          # Table 5: 200 M
-# Iterations count per-GPU batches: 200 M / (32 x 8) = 781 250 iterations (97 656 steps of 2048).
-max_iters = training_images // (batch_per_gpu * num_gpus)
+# One iteration is one optimiser step on the global batch: 200 M / 2048 = 97 656 iterations.
+max_iters = training_images // global_batch
 
 dropout = 0.1                                                           # Table 5
 # The students are deep copies of the teacher network; the frozen teacher runs in eval mode, so
@@ -37,7 +39,7 @@ model = dict(
 
 # Data-free: the dataset only paces the run and hands out class-balanced one-hot labels, which
 # the distiller passes to the teacher, G and f_ψ.
-train_dataloader = dict(batch_size=batch_per_gpu, num_workers=2, persistent_workers=True,
+train_dataloader = dict(batch_size=batch_per_gpu * accumulative_counts, num_workers=2, persistent_workers=True,
                         sampler=dict(type='InfiniteSampler', shuffle=True),
                         dataset=dict(type='DistillationDataset', label_dim=1000))
 optim_wrapper = dict(
@@ -50,7 +52,8 @@ train_cfg = dict(type='IterBasedTrainLoop', max_iters=max_iters)
 custom_hooks = [
     dict(type='SpeedHook'),
     dict(type='RandomStateHook'),
-    dict(type='SampleVisualizationHook', interval=10_000, num_samples=64),
+    dict(type='SampleVisualizationHook', interval=1_250, num_samples=64),  # ≈ 2.6 M images
 ]
+# a checkpoint every 2 500 iterations (≈ 5 M images)
 default_hooks = dict(logger=dict(type='LoggerHook', interval=100),
-                     checkpoint=dict(type='CheckpointHook', by_epoch=False, interval=20_000, max_keep_ckpts=3))
+                     checkpoint=dict(type='CheckpointHook', by_epoch=False, interval=2_500, max_keep_ckpts=3))
