@@ -196,8 +196,9 @@ def _row(name, r, wall):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('--methods', nargs='+', default=['cosim', 'sid', 'hsivi', 'scd', 'sct', 'siddm'],
-                   choices=sorted(METHODS))
+    p.add_argument('--methods', nargs='+', choices=sorted(METHODS),
+                   default=[m for m, c in METHODS.items() if osp.isfile(osp.join(ROOT, c))],
+                   help='default: every method whose toy config exists')
     p.add_argument('--mixtures', nargs='+', default=['ring8', 'grid25', 'random16'], choices=sorted(MIXTURES))
     p.add_argument('--iters', type=int, default=4000)
     p.add_argument('--eval-interval', type=int, default=250)

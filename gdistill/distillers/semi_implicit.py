@@ -3,7 +3,7 @@ special case with a fixed mixing time."""
 import torch
 
 from ..registry import DIVERGENCES, KERNELS, MODELS, TIME_SAMPLERS, build
-from .base import BaseDistiller, frozen, unwrap
+from .base import BaseDistiller, frozen, unwrap, world_size
 
 
 @MODELS.register_module()
@@ -96,11 +96,14 @@ class SemiImplicitDistiller(BaseDistiller):
         return dict(pairs=pairs, x0=x0, x_s=x_s, f_phi=f_phi)
 
     def aux_losses(self, n, labels, data):
-        i, _ = self.micro_batch
+        i, m = self.micro_batch
         if i == 0:                      # a new ψ-update starts (its micro-batches follow)
             self._aux_done += 1
             self._shared = []
-        keep = self.share_batch and self._aux_done == self.aux_steps and torch.is_grad_enabled()
+        # DDP pairs each forward with one backward: several kept micro-batch graphs of G would
+        # break that, so across processes only an unsplit batch is shared
+        keep = (self.share_batch and self._aux_done == self.aux_steps and torch.is_grad_enabled()
+                and (m == 1 or world_size() == 1))
         k = self.kernel_pass(n, labels, 'generator' if keep else 'aux', grad=keep)
         if keep:                        # the φ-update's micro-batch i takes draw i
             self._shared.append(k)
