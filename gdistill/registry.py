@@ -4,7 +4,7 @@ Kinds that mmengine already has (models, datasets, hooks, loops, metrics, optimi
 constructors, model wrappers) are children of mmengine's root registries, so mmengine's
 ``Runner`` finds gdistill's classes once ``default_scope='gdistill'``. The kinds that are
 gdistill's own (teachers, schedules, kernels, divergences, convex functions, time samplers,
-samplers) are roots of their own.
+samplers, detectors) are roots of their own.
 
 An unknown ``type`` fails with the registered names and the closest match.
 """
@@ -72,6 +72,7 @@ DIVERGENCES = _root('divergence', 'divergences')
 CONVEX_FUNCTIONS = _root('convex function', 'divergences')
 TIME_SAMPLERS = _root('time sampler', 'time_samplers')
 SAMPLERS = _root('sampler', 'samplers')
+DETECTORS = _root('detector', 'metrics')  # feature networks of the image metrics (FID, FD-DINOv2)
 
 MODELS = _child('model', MMENGINE_MODELS, ['distillers', 'networks', 'data'])
 NETWORKS = MODELS  # networks are models; the alias says which kind a config means

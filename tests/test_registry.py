@@ -14,7 +14,7 @@ from gdistill.networks.mlp import MLPDenoiser
 from gdistill.registry import MODELS, SCHEDULES, UnknownTypeError, build
 from gdistill.schedules import EDMSchedule, VESchedule
 
-SCHEDULE_NAMES = ['EDMSchedule', 'TrigFlowSchedule', 'VESchedule', 'VPSchedule']
+SCHEDULE_NAMES = ['CosineSchedule', 'EDMSchedule', 'TrigFlowSchedule', 'VESchedule', 'VPSchedule']
 
 
 

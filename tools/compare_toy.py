@@ -160,7 +160,8 @@ def collect(args, statuses):
         shared = {}
         for method in args.methods:
             if (method, mixture) in failed:
-                lines.append(f'| {method} | failed: {failed[(method, mixture)][:80]} | | | | | | | |')
+                error = failed[(method, mixture)][:80].replace('|', '/')   # keep the table's columns
+                lines.append(f'| {method} | failed: {error} | | | | | | | |')
                 continue
             work_dir = osp.join(args.work_dir, mixture, method)
             with open(osp.join(work_dir, 'metrics.json')) as f:

@@ -155,7 +155,9 @@ def describe_shape(shape):
 
 
 class BaseDistiller(BaseModel):
-    """``teacher``: a TEACHERS config (frozen; no gradients, no optimiser state).
+    """``teacher``: a TEACHERS config (frozen; no gradients, no optimiser state); None only for a
+    model trained from data whose class defines a ``teacher`` property describing that data
+    (``data_shape``, ``label_dim``), as ``SIDDM`` does.
     ``ema_half_life_images``: the EMA of the generator has β = 0.5^(batch/half-life) per step;
     with ``ema_rampup`` r the half-life is capped at r·(images seen), as in EDM's training.
     ``sampler``: the default SAMPLERS config for ``sample``.
@@ -174,7 +176,11 @@ class BaseDistiller(BaseModel):
                  data_preprocessor=dict(type='DistillDataPreprocessor'), init_cfg=None):
         # built here so that gdistill's scope applies without a runner's default scope
         super().__init__(data_preprocessor=build(MODELS, data_preprocessor), init_cfg=init_cfg)
-        self.teacher = build(TEACHERS, teacher).freeze()
+        if teacher is not None:
+            self.teacher = build(TEACHERS, teacher).freeze()
+        elif not isinstance(getattr(type(self), 'teacher', None), property):
+            # only a model trained from data (SIDDM), whose class describes its data itself
+            raise ValueError(f'{type(self).__name__} needs a teacher (a TEACHERS config)')
         self.schedule = build(SCHEDULES, schedule)
         self.sampler = build(SAMPLERS, sampler)
         self.ema_half_life_images = ema_half_life_images

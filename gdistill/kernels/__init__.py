@@ -1,1 +1,3 @@
 from .gaussian import GaussianKernel
+from .hierarchical import HierarchicalGaussianKernel
+from .posterior import PosteriorKernel

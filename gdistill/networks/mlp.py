@@ -30,16 +30,18 @@ class MLPDenoiser(nn.Module):
     added to every hidden layer.
 
     ``cond_sigma`` (a second time, for the auxiliary network f_ψ(x_s; s, t)) is only accepted
-    by the module ``with_condition_time()`` returns."""
+    by the module ``with_condition_time()`` returns. ``time_scale``: the std of the Fourier
+    frequencies (16 as EDM's NCSN++; a small one, e.g. 0.5, keeps F smooth in σ, which sCM's
+    time derivatives need — Lu & Song 2024, §4.1)."""
 
     def __init__(self, dim=2, hidden=256, depth=3, emb_dim=64, sigma_data=0.5, label_dim=0,
-                 dropout=0.0):
+                 dropout=0.0, time_scale=16.0):
         super().__init__()
         if dim < 1 or hidden < 1 or depth < 1:
             raise ValueError(f'MLPDenoiser: dim, hidden and depth must be >= 1, got {dim}, {hidden}, {depth}')
         self.dim, self.sigma_data, self.label_dim = dim, float(sigma_data), label_dim
         self.img_resolution = None
-        self.time_emb = FourierTimeEmbedding(emb_dim)
+        self.time_emb = FourierTimeEmbedding(emb_dim, scale=time_scale)
         self.map_time = nn.Sequential(nn.Linear(emb_dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
         self.map_label = nn.Linear(label_dim, hidden, bias=False) if label_dim else None
         self.cond_time = None  # filled by with_condition_time()

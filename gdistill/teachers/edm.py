@@ -1,6 +1,9 @@
 """EDM teachers (Karras et al. 2022): an official EDM network, loaded without executing the
 pickle's code, or a gdistill EDM network built from a config."""
+import collections
 import os.path as osp
+import pickle
+import types
 
 import torch
 import torch.nn.functional as F
@@ -8,7 +11,7 @@ import torch.nn.functional as F
 from ..networks.edm import Preconditioner, TwoTimePrecond
 from ..registry import MODELS, TEACHERS, build
 from .base import Teacher
-from .edm_pickle import load_edm_pickle
+from .edm_pickle import _rebuild_parameter, _rebuild_tensor_v2, load_edm_pickle
 
 
 @TEACHERS.register_module()
@@ -24,12 +27,15 @@ class EDMTeacher(Teacher):
       img_channels=3, model_type='SongUNet', ...)``) or a built module — random weights unless
       ``checkpoint`` names a plain state_dict file (``torch.save``d, e.g. by
       ``tools/convert_edm.py``; read with ``weights_only=True``; ``{'state_dict': ...}`` also
-      accepted).
+      accepted) or a training checkpoint of gdistill's runner (e.g. ``iter_5000.pth`` of a
+      ``DenoisingTrainer`` run), of which only the tensors are read (``read_checkpoint_tensors``)
+      and the network's entries taken: those under ``checkpoint_prefix``, by default
+      ``'network_ema.'`` (the trainer's EMA) if present, else ``'network.'``.
 
     ``class_labels`` may be one-hot [N, label_dim] or integer class indices [N].
     """
 
-    def __init__(self, path=None, network=None, checkpoint=None, key='ema'):
+    def __init__(self, path=None, network=None, checkpoint=None, key='ema', checkpoint_prefix=None):
         super().__init__()
         if (path is None) == (network is None):
             raise ValueError('EDMTeacher needs exactly one of path= (an EDM pickle) or network= '
@@ -44,7 +50,7 @@ class EDMTeacher(Teacher):
         else:
             self.network = build(MODELS, network)
             if checkpoint is not None:
-                self._load_checkpoint(checkpoint)
+                self._load_checkpoint(checkpoint, checkpoint_prefix)
         if not isinstance(self.network, (Preconditioner, TwoTimePrecond)):
             raise TypeError(f'EDMTeacher needs a preconditioned network (EDMPrecond, VPPrecond, '
                             f'VEPrecond, iDDPMPrecond); got {type(self.network).__name__}, which '
@@ -55,12 +61,21 @@ class EDMTeacher(Teacher):
                            self.network.img_resolution)
         self.freeze()
 
-    def _load_checkpoint(self, checkpoint):
+    def _load_checkpoint(self, checkpoint, prefix=None):
         if not osp.isfile(checkpoint):
             raise FileNotFoundError(f'EDMTeacher: checkpoint {checkpoint!r} does not exist')
-        state = torch.load(checkpoint, map_location='cpu', weights_only=True)
+        try:
+            state = torch.load(checkpoint, map_location='cpu', weights_only=True)
+        except pickle.UnpicklingError:  # a runner checkpoint: log history and numpy states too
+            state = read_checkpoint_tensors(checkpoint)
         if isinstance(state, dict) and isinstance(state.get('state_dict'), dict):
             state = state['state_dict']
+        if prefix is None:
+            prefix = next((p for p in ('network_ema.', 'network.') if any(k.startswith(p) for k in state)), '')
+        if prefix:
+            state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+            if not state:
+                raise KeyError(f'EDMTeacher: no entries under {prefix!r} in {checkpoint}')
         self.network.load_state_dict(state, strict=True)
 
     def one_hot(self, class_labels, batch):
@@ -83,3 +98,44 @@ class EDMTeacher(Teacher):
         if labels is not None:
             labels = labels.to(x.device)
         return self.network(x, sigma.reshape(-1), labels).to(x.dtype)
+
+
+class _Inert:
+    """Stands in for every global of a training checkpoint other than tensors and ordered dicts
+    (mmengine's log history, numpy arrays and random states, ``getattr``, …): accepts any
+    arguments and state, keeps nothing, runs nothing."""
+
+    def __new__(cls, *args, **kwargs):
+        return object.__new__(cls)
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __call__(self, *args, **kwargs):
+        return _Inert()
+
+    def __setstate__(self, state):
+        pass
+
+
+_TENSOR_GLOBALS = {('torch._utils', '_rebuild_tensor_v2'): _rebuild_tensor_v2,
+                   ('torch._utils', '_rebuild_parameter'): _rebuild_parameter,
+                   ('collections', 'OrderedDict'): collections.OrderedDict}
+
+
+class _TensorsOnlyUnpickler(pickle.Unpickler):
+    def find_class(self, module, name):
+        return _TENSOR_GLOBALS.get((module, name), _Inert)
+
+
+_tensors_only_pickle = types.ModuleType('gdistill_tensors_only_pickle')
+_tensors_only_pickle.Unpickler = _TensorsOnlyUnpickler
+_tensors_only_pickle.load = pickle.load
+
+
+def read_checkpoint_tensors(path):
+    """The tensors (in their dicts) of a ``torch.save`` file that also holds other objects, such
+    as the checkpoints of gdistill's mmengine runner, without executing anything from it: tensors
+    are rebuilt by torch's functions behind ``edm_pickle``'s checks, every other global becomes
+    an inert placeholder (``torch.load(weights_only=True)`` refuses such files instead)."""
+    return torch.load(path, map_location='cpu', weights_only=False, pickle_module=_tensors_only_pickle)

@@ -3,7 +3,7 @@
 #   torchrun --nproc_per_node=8 tools/train.py projects/cosim/imagenet64.py --launcher pytorch \
 #       --cfg-options teacher.path=/path/to/edm-imagenet-64x64-cond-adm.pkl teacher.network=None
 # Without teacher.path the teacher has random weights (smoke tests only).
-_base_ = ['../../configs/_base_/default_runtime.py', '../../configs/_base_/teachers/edm_imagenet64_cond_adm.py']
+_base_ = ['../../configs/_base_/image_runtime.py', '../../configs/_base_/teachers/edm_imagenet64_cond_adm.py']
 
 # Global batch 2048 (Table 5) = 8 GPUs x 256 per GPU, each GPU's 256 taken as accumulative_counts
 # 8 micro-batches of 32 (what one forward/backward holds); every network accumulates its 8
@@ -49,11 +49,5 @@ optim_wrapper = dict(
 )
 train_cfg = dict(type='IterBasedTrainLoop', max_iters=max_iters)
 
-custom_hooks = [
-    dict(type='SpeedHook'),
-    dict(type='RandomStateHook'),
-    dict(type='SampleVisualizationHook', interval=1_250, num_samples=64),  # ≈ 2.6 M images
-]
 # a checkpoint every 2 500 iterations (≈ 5 M images)
-default_hooks = dict(logger=dict(type='LoggerHook', interval=100),
-                     checkpoint=dict(type='CheckpointHook', by_epoch=False, interval=2_500, max_keep_ckpts=3))
+default_hooks = dict(checkpoint=dict(interval=2_500))

@@ -11,8 +11,9 @@ written by EDM loads here with ``strict=True``:
 - ``FourierEmbedding``: a ``freqs`` buffer (random, fixed at construction).
 
 Weights are cast to the input's dtype in ``forward`` so an fp16 input runs an fp16 layer while
-the parameters stay float32. Nothing here uses a custom ``autograd.Function``: attention goes
-through ``scaled_dot_product_attention``, so ``torch.func.jvp`` works through every layer.
+the parameters stay float32. Attention runs ``scaled_dot_product_attention`` inside an ``autograd.Function`` with
+``setup_context`` and an explicit ``jvp``, so ``torch.func.jvp`` works through every layer
+(the fused CUDA kernels have no forward-mode derivative of their own).
 """
 import math
 
@@ -133,15 +134,68 @@ class GroupNorm(nn.Module):
                             bias=self.bias.to(x.dtype), eps=self.eps)
 
 
+class SoftmaxAttention(torch.autograd.Function):
+    """O = softmax(q·kᵀ/√C)·v on [N, L, C] tensors (Vaswani et al. 2017, eq. 1), computed by
+    ``scaled_dot_product_attention`` (fused kernels where available), with its forward-mode
+    derivative written out so ``torch.func.jvp`` and ``forward_ad`` work on every backend:
+    with S = q·kᵀ/√C, P = softmax(S) and tangents (q̇, k̇, v̇),
+
+        Ṡ = (q̇·kᵀ + q·k̇ᵀ)/√C,   Ṗ = P ⊙ (Ṡ − rowsum(P ⊙ Ṡ)),   Ȯ = Ṗ·v + P·v̇.
+
+    The backward pass recomputes the forward under autograd (first order only)."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(q, k, v):
+        return F.scaled_dot_product_attention(q, k, v)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        q, k, v = inputs
+        ctx.save_for_backward(q, k, v)
+        ctx.save_for_forward(q, k, v)
+        device = q.device.type
+        # the recomputation in backward runs under the autocast the forward ran under
+        ctx.autocast = (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        q, k, v = (x.detach().requires_grad_() for x in ctx.saved_tensors)
+        device, enabled, dtype = ctx.autocast
+        with torch.enable_grad(), torch.autocast(device, dtype=dtype, enabled=enabled):
+            out = F.scaled_dot_product_attention(q, k, v)
+        return torch.autograd.grad(out, (q, k, v), grad_out.to(out.dtype))
+
+    @staticmethod
+    def jvp(ctx, dq, dk, dv):
+        q, k, v = ctx.saved_tensors
+        scale = q.shape[-1] ** -0.5
+        p = torch.softmax(q @ k.transpose(-1, -2) * scale, dim=-1)
+        ds = torch.zeros_like(p)
+        if dq is not None:
+            ds = ds + dq @ k.transpose(-1, -2) * scale
+        if dk is not None:
+            ds = ds + q @ dk.transpose(-1, -2) * scale
+        dp = p * (ds - (p * ds).sum(-1, keepdim=True))
+        out = dp @ v
+        if dv is not None:
+            out = out + p @ dv
+        return out
+
+
 def attention(q, k, v):
     """Softmax attention in EDM's channels-first layout: q, k, v are [N, C, L] (N = batch ×
     heads, C = channels per head, L = pixels); returns [N, C, L].
 
-    Weights softmax_k(q·k/√C) are formed in float32 whatever the input dtype, as EDM does.
-    Plain ``scaled_dot_product_attention``, so forward-mode AD (``torch.func.jvp``) works.
+    Weights softmax_k(q·k/√C) are formed in at least float32 whatever the input dtype, as EDM
+    does (float64 inputs stay float64). ``SoftmaxAttention`` carries the forward-mode
+    derivative, so ``torch.func.jvp`` works here on CPU and CUDA alike.
     """
-    out = F.scaled_dot_product_attention(q.transpose(1, 2).float(), k.transpose(1, 2).float(),
-                                         v.transpose(1, 2).float())
+    dtype = torch.promote_types(q.dtype, torch.float32)
+    out = SoftmaxAttention.apply(q.transpose(1, 2).to(dtype), k.transpose(1, 2).to(dtype),
+                                 v.transpose(1, 2).to(dtype))
     # contiguous: a strided (channels-last) result would make the next GroupNorm's
     # forward-mode derivative fail in torch
     return out.transpose(1, 2).contiguous().to(q.dtype)
