@@ -23,7 +23,7 @@ def test_mixture_swap_reaches_teacher_and_network():
 
 def test_table_from_run_files(tmp_path):
     args = type('A', (), dict(iters=10, jobs=1, mixtures=['ring8'], methods=['cosim', 'sid'],
-                              work_dir=str(tmp_path), mmd_target=0.01, eval_interval=5))()
+                              work_dir=str(tmp_path), mmd_targets=[0.03, 0.01], eval_interval=5))()
     row = dict(sw2=0.2, mmd=0.005, near_mode=0.9, mode_tv=0.03, nll=2.5)
     for method, first in (('cosim', 'CoSIM'), ('sid', 'SiD')):
         d = tmp_path / 'ring8' / method
@@ -36,6 +36,6 @@ def test_table_from_run_files(tmp_path):
     statuses = [dict(method='cosim', mixture='ring8', status='done'), dict(method='sid', mixture='ring8', status='done')]
     table = compare_toy.collect(args, statuses)
     assert table.count('teacher Heun') == 1 and table.count('exact floor') == 1   # shared rows once
-    assert '| ring8 | cosim | 10 |' in table and '| ring8 | sid | > 10 |' in table
+    assert '| ring8 | cosim | 5 | 10 |' in table and '| ring8 | sid | 5 | > 10 |' in table
     failed = compare_toy.collect(args, [dict(method='sid', mixture='ring8', status='failed', error='boom')])
     assert 'failed: boom' in failed

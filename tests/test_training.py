@@ -77,3 +77,26 @@ def test_resume_gives_the_weights_of_an_unbroken_run(tmp_path):
     x = np.load(tmp_path / 'samples' / 'samples_nfe2.npz')['samples']
     assert x.shape == (300, 2) and np.isfinite(x).all()
     assert (tmp_path / 'samples' / 'samples_nfe2.png').stat().st_size > 1000
+
+
+def test_ema_step_is_the_half_life_average_with_rampup():
+    """β = 0.5^(batch/half-life), the half-life capped at rampup·(images seen); buffers copied."""
+    import copy
+
+    from gdistill.distillers.base import ema_step
+    net = torch.nn.BatchNorm1d(3)
+    torch.nn.init.normal_(net.weight)
+    net.running_mean.normal_()
+    ema = copy.deepcopy(net)
+    torch.nn.init.normal_(ema.weight)
+    torch.nn.init.normal_(ema.bias)
+    before = [p.detach().clone() for p in ema.parameters()]
+    for half_life, seen, rampup in ((1000, 10_000, None), (1000, 400, 0.5)):
+        start = [p.detach().clone() for p in ema.parameters()]
+        ema_step(ema, net, batch_size=100, half_life=half_life, images_seen=seen, rampup=rampup)
+        h = half_life if rampup is None else min(half_life, seen * rampup)   # 1000, then 200
+        beta = 0.5 ** (100 / h)
+        for e, s, p in zip(ema.parameters(), start, net.parameters()):
+            torch.testing.assert_close(e, beta * s + (1 - beta) * p.detach(), rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(ema.running_mean, net.running_mean, rtol=0, atol=0)
+    assert any(not torch.equal(a, b) for a, b in zip(before, ema.parameters()))

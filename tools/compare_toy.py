@@ -2,7 +2,7 @@
 
     python tools/compare_toy.py [--methods cosim sid hsivi ...] [--mixtures ring8 grid25 random16]
         [--iters 4000] [--jobs 2] [--threads T] [--work-dir work_dirs/compare] [--out FILE.md]
-        [--mmd-target 0.01]
+        [--mmd-targets 0.03 0.02 0.01]
 
 Each (method, mixture) run is the method's toy config with the mixture swapped everywhere it
 appears (teacher fit target, data, evaluation) and ``train_cfg.max_iters = --iters``; all
@@ -11,7 +11,7 @@ Runs go through ``tools/train.py`` in their own processes (``--jobs`` at a time,
 split between them); a run whose ``metrics.json`` exists is not repeated, so an interrupted
 comparison resumes. The markdown table lists each method's rows, the teacher's samplers and
 the exact floor per mixture, with wall times, and the iterations each method needed for its
-first-row MMD² to reach ``--mmd-target`` (from the evaluation history).
+first-row MMD² to reach each of ``--mmd-targets`` (from the evaluation history).
 """
 import argparse
 import copy
@@ -178,15 +178,18 @@ def collect(args, statuses):
             with open(osp.join(work_dir, 'eval_details.json')) as f:
                 history = json.load(f).get('history', [])
             if history:
-                reach.append((mixture, method, iterations_to(history, args.mmd_target), history[-1]['iter']))
+                reach.append((mixture, method, [iterations_to(history, m) for m in args.mmd_targets],
+                              history[-1]['iter']))
         for (name, nfe), r in sorted(shared.items(), key=lambda kv: (kv[0][0] == 'exact floor', -kv[0][1])):
             lines.append(_row('exact' if name == 'exact floor' else 'teacher', r, ''))
         lines.append('')
-    lines += [f'Iterations until the first evaluation row reaches MMD² ≤ {args.mmd_target} '
+    targets = ' | '.join(f'MMD² ≤ {m}' for m in args.mmd_targets)
+    lines += [f'Iterations until the first evaluation row reaches each MMD² target '
               f'(evaluated every {args.eval_interval} iterations on 4 000 samples):', '',
-              '| mixture | method | iterations |', '|---|---|---|']
-    for mixture, method, it, last in reach:
-        lines.append(f'| {mixture} | {method} | {it if it is not None else f"> {last}"} |')
+              f'| mixture | method | {targets} |', '|---|---|' + '---|' * len(args.mmd_targets)]
+    for mixture, method, its, last in reach:
+        cells = ' | '.join(str(it) if it is not None else f'> {last}' for it in its)
+        lines.append(f'| {mixture} | {method} | {cells} |')
     return '\n'.join(lines) + '\n'
 
 
@@ -203,7 +206,7 @@ def main(argv=None):
     p.add_argument('--mixtures', nargs='+', default=['ring8', 'grid25', 'random16'], choices=sorted(MIXTURES))
     p.add_argument('--iters', type=int, default=4000)
     p.add_argument('--eval-interval', type=int, default=250)
-    p.add_argument('--mmd-target', type=float, default=0.01)
+    p.add_argument('--mmd-targets', type=float, nargs='+', default=[0.03, 0.02, 0.01])
     p.add_argument('--jobs', type=int, default=1)
     p.add_argument('--threads', type=int, default=None,
                    help='torch threads per run (default: the cores split between the jobs)')
