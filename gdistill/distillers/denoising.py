@@ -122,17 +122,9 @@ class DenoisingTrainer(BaseModel):
     @torch.no_grad()
     def update_ema(self, batch_size):
         self.images_seen += batch_size
-        if self.network_ema is None:
-            return
-        half_life = self.ema_half_life_images
-        if self.ema_rampup is not None:
-            half_life = min(half_life, float(self.images_seen) * self.ema_rampup)
-        beta = 0.5 ** (batch_size / max(half_life, 1e-8))
-        net = unwrap(self.network)
-        for p_ema, p in zip(self.network_ema.parameters(), net.parameters()):
-            p_ema.lerp_(p.detach(), 1 - beta)
-        for b_ema, b in zip(self.network_ema.buffers(), net.buffers()):
-            b_ema.copy_(b)
+        if self.network_ema is not None:
+            ema_step(self.network_ema, unwrap(self.network), batch_size, self.ema_half_life_images,
+                     float(self.images_seen), self.ema_rampup)
 
     def train(self, mode=True):
         super().train(mode)
