@@ -495,7 +495,9 @@ def test_toy_configs_share_cosims_teacher_fit_and_evaluation_rows():
         cfg = load_config(osp.join(ROOT, 'configs', 'scm', name))
         assert cfg.model.mode == mode
         # the same MLP fitted the same way, with a smooth time embedding (sCM differentiates in t)
-        assert cfg.model.teacher.network == dict(cosim.model.teacher.network, time_scale=0.5)
+        # and TrigFlow's σ_d at the data's scale
+        assert cfg.model.teacher.network == dict(cosim.model.teacher.network, time_scale=0.5, sigma_data=2.0)
+        assert cfg.model.schedule.sigma_data == cfg.model.sampler.sigma_data == 2.0
         assert cfg.model.teacher.fit == cosim.model.teacher.fit
         hook = [h for h in cfg.custom_hooks if h['type'] == 'ToyEvaluationHook'][0]
         students = [e for e in hook['evaluations'] if e['source'] == 'student']

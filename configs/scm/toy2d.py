@@ -10,14 +10,19 @@ _base_ = ['../_base_/toy/ring8.py']
 
 max_iters = 1200
 batch_size = 1024
-sigma_data = 0.5
+# TrigFlow takes z ~ N(0, σ_d² I) and x_t = cos t·x₀ + sin t·z, which spreads the noise levels
+# evenly over t only when σ_d is the data's std: ring8 and grid25 have std ≈ 2.8 per coordinate
+# (with EDM's 0.5, sCD plateaued at MMD²×10³ ≈ 40 on ring8; with 2.0 it reached 27 in 1 500
+# iterations, docs/scm.md)
+sigma_data = 2.0
 
-# The teacher is the toy base's MLP with Fourier time features of scale 0.5 instead of 16, fitted
-# the same way: sCM differentiates F in time, and a rapidly oscillating time embedding makes
-# dF/dt, hence the tangent, blow up (Lu & Song 2024, §4.1; with scale 16 the raw tangent norm
-# grows past 100 and the student never leaves the mean).
+# The teacher is the toy base's MLP, fitted the same way, with that σ_d in its preconditioning and
+# Fourier time features of scale 0.5 instead of 16: sCM differentiates F in time, and a rapidly
+# oscillating time embedding makes dF/dt, hence the tangent, blow up (Lu & Song 2024, §4.1; with
+# scale 16 the raw tangent norm grows past 100 and the student never leaves the mean).
 teacher = _base_.teacher
 teacher.network.time_scale = 0.5
+teacher.network.sigma_data = sigma_data
 
 model = dict(
     type='ConsistencyDistiller',
@@ -26,8 +31,8 @@ model = dict(
     schedule=dict(type='TrigFlowSchedule', sigma_data=sigma_data),
     # tangent normalisation c = 0.1 and a linear tangent warm-up over the first quarter of the run
     divergence=dict(type='SCMDivergence', tangent_norm=0.1, warmup_iters=max_iters // 4, adaptive_weight=True),
-    # EDM's log-normal on σ = σ_d tan t, shifted by ln(data std/σ_d) ≈ ln(2.8/0.5) for ring8's
-    # coordinates and widened, so the large σ where one-step sampling starts are trained too
+    # EDM's log-normal on σ = σ_d tan t (P_mean −1.2 at σ_d = 0.5) carried to σ_d = 2 and widened,
+    # so that the large σ where one-step sampling starts are trained too
     time_sampler=dict(type='TrigFlowLogNormalTimeSampler', P_mean=0.5, P_std=2.0),
     sampler=dict(type='ConsistencySampler', num_steps=1, sigma_data=sigma_data),
     tangent='jvp',
