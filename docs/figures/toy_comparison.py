@@ -49,7 +49,7 @@ def main():
             axes[i, -1].imshow(exact)
             axes[i, -1].set_title(f'{mixture} · exact', fontsize=9)
     fig.tight_layout()
-    fig.savefig(args.out, dpi=110)
+    fig.savefig(args.out, dpi=80)
     print('written to', args.out)
 
 
