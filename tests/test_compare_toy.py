@@ -17,6 +17,8 @@ def test_mixture_swap_reaches_teacher_and_network():
     assert cfg.train_cfg.max_iters == 7
     hook = [h for h in cfg.custom_hooks if h['type'] == 'ToyEvaluationHook'][0]
     assert hook['interval'] == 5
+    scd = compare_toy.variant_config('scd', 'ring8', iters=7, eval_interval=5)
+    assert scd.param_scheduler[0]['T_max'] == scd.param_scheduler[0]['end'] == 7      # the decay follows the run
     grid = compare_toy.variant_config('sid', 'grid25', iters=7, eval_interval=5)
     assert grid.model.teacher.fit.target.mixture == dict(name='grid25') and grid.model.teacher.network.dim == 2
 

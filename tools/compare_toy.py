@@ -65,6 +65,16 @@ def swap_mixture(node, mixture, old_dim):
     return count
 
 
+def stretch_schedules(cfg, old_iters, new_iters):
+    """A learning-rate schedule that spans the config's run (``end`` or ``T_max`` equal to its
+    max_iters) spans the new length instead, so that a decay still ends where the run does."""
+    schedulers = cfg.get('param_scheduler') or []
+    for sched in schedulers if isinstance(schedulers, list) else [schedulers]:
+        for key in ('end', 'T_max'):
+            if sched.get(key) == old_iters:
+                sched[key] = new_iters
+
+
 def variant_config(method, mixture_name, iters, eval_interval):
     """The method's toy config for one mixture, as a Config (the caller dumps it)."""
     cfg = Config.fromfile(osp.join(ROOT, METHODS[method]))
@@ -75,6 +85,7 @@ def variant_config(method, mixture_name, iters, eval_interval):
         raise ValueError(f'{METHODS[method]}: no `mixture` entry to swap; is it a toy config?')
     old_dim = _mixture_dim(found[0])
     swap_mixture(data, MIXTURES[mixture_name], old_dim)
+    stretch_schedules(data, data['train_cfg']['max_iters'], iters)
     data['train_cfg']['max_iters'] = iters
     for hook in data.get('custom_hooks', []):
         if hook.get('type') == 'ToyEvaluationHook':
