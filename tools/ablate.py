@@ -416,7 +416,7 @@ def evaluate(config, checkpoint, work_dir, cfg_options, threads=None):
     import gdistill.engine  # noqa: F401
     import gdistill.networks  # noqa: F401
     from gdistill.engine.toy_eval import evaluate_samplers, format_table
-    from gdistill.registry import MODELS
+    from gdistill.engine.runner import load_trained_model
     from train import load_config
     if threads:
         torch.set_num_threads(int(threads))
@@ -428,14 +428,7 @@ def evaluate(config, checkpoint, work_dir, cfg_options, threads=None):
         raise ValueError(f'{config}: evaluating a checkpoint needs a toy config with a ToyEvaluationHook '
                          '(for images use tools/eval.py gen)')
     DefaultScope.get_instance(f'gdistill_ablate_{time.time_ns()}', scope_name='gdistill')
-    model = MODELS.build(cfg.model)
-    # a checkpoint this project's runner wrote (it holds mmengine's log history objects)
-    state = torch.load(checkpoint, map_location='cpu', weights_only=False)
-    missing, unexpected = model.load_state_dict(state.get('state_dict', state), strict=False)
-    if unexpected or [k for k in missing if not k.startswith('teacher.')]:
-        raise RuntimeError(f'{checkpoint} does not fit {cfg.model.type} of {config}: missing {missing[:5]}, '
-                           f'unexpected {unexpected[:5]}')
-    model.eval()
+    model = load_trained_model(cfg.model, checkpoint, config)
     mixture = hook.get('mixture') or getattr(model.teacher, 'mixture', None)
     if mixture is None:
         raise ValueError(f'{config}: no mixture to evaluate on (neither the hook nor the teacher names one)')

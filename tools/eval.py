@@ -51,9 +51,10 @@ import gdistill.engine  # noqa: E402,F401
 import gdistill.metrics  # noqa: E402,F401
 import gdistill.networks  # noqa: E402,F401
 from gdistill.engine.image_eval import denoiser_for, evaluate_images, evaluate_sampler, shard_batches  # noqa: E402
+from gdistill.engine.runner import load_trained_model  # noqa: E402
 from gdistill.metrics.frechet import FeatureStats, save_reference  # noqa: E402
 from gdistill.metrics.image import ImageEvaluator  # noqa: E402
-from gdistill.registry import DATASETS, DETECTORS, MODELS, SAMPLERS, build  # noqa: E402
+from gdistill.registry import DATASETS, DETECTORS, SAMPLERS, build  # noqa: E402
 from train import load_config  # noqa: E402
 
 DETECTOR_KINDS = {'inception': ('InceptionDetector', 'path'), 'dinov2': ('DINOv2Detector', 'path'),
@@ -125,20 +126,6 @@ def metrics_of(cfg):
     raise ValueError('the config defines no image metrics: give it `image_metrics = [...]` or an ImageMetricHook')
 
 
-def load_model(cfg, checkpoint):
-    """The config's model with the weights of ``checkpoint`` (a checkpoint this project's
-    runner wrote: it holds mmengine's log history, hence ``weights_only=False`` for it only)."""
-    if not osp.isfile(checkpoint):
-        raise FileNotFoundError(f'checkpoint {checkpoint!r} does not exist')
-    model = MODELS.build(cfg.model)
-    state = torch.load(checkpoint, map_location='cpu', weights_only=False)
-    missing, unexpected = model.load_state_dict(state.get('state_dict', state), strict=False)
-    if unexpected or [k for k in missing if not k.startswith('teacher.')]:
-        raise RuntimeError(f'{checkpoint} does not fit {cfg.model.type}: missing {missing[:5]}, '
-                           f'unexpected {unexpected[:5]}')
-    return model.eval()
-
-
 def cmd_ref(args, rank, world):
     dataset = build(DATASETS, dataset_config(args.dataset))
     det = build(DETECTORS, detector_config(args.detector)).to(device())
@@ -174,7 +161,7 @@ def cmd_ref(args, rank, world):
 def cmd_gen(args, rank, world):
     cfg = load_config(args.config, cfg_options=args.cfg_options)
     DefaultScope.get_instance(f'gdistill_eval_{time.time_ns()}', scope_name='gdistill')
-    model = load_model(cfg, args.checkpoint).to(device())
+    model = load_trained_model(cfg.model, args.checkpoint, args.config).to(device())
     if args.sampler:
         sampler_cfg, source = _literal(args.sampler, '--sampler'), 'teacher' if args.teacher else 'student'
     elif args.teacher:

@@ -19,8 +19,9 @@ import torch  # noqa: E402
 from mmengine.config import DictAction  # noqa: E402
 from mmengine.registry import DefaultScope  # noqa: E402
 
+from gdistill.engine.runner import load_trained_model  # noqa: E402
 from gdistill.engine.visual import save_samples_figure  # noqa: E402
-from gdistill.registry import MODELS, SAMPLERS, build  # noqa: E402
+from gdistill.registry import SAMPLERS, build  # noqa: E402
 from train import load_config  # noqa: E402
 
 
@@ -37,19 +38,9 @@ def main(argv=None):
     p.add_argument('--no-ema', action='store_true', help='use the raw generator, not its EMA')
     p.add_argument('--cfg-options', nargs='+', action=DictAction, default={})
     args = p.parse_args(argv)
-    if not osp.isfile(args.checkpoint):
-        raise FileNotFoundError(f'checkpoint {args.checkpoint!r} does not exist')
-
     cfg = load_config(args.config, cfg_options=args.cfg_options)
     DefaultScope.get_instance('gdistill_sample', scope_name='gdistill')
-    model = MODELS.build(cfg.model)
-    # a checkpoint this project wrote (it holds mmengine's log history, hence weights_only=False)
-    state = torch.load(args.checkpoint, map_location='cpu', weights_only=False)
-    missing, unexpected = model.load_state_dict(state.get('state_dict', state), strict=False)
-    if unexpected or [k for k in missing if not k.startswith('teacher.')]:
-        raise RuntimeError(f'{args.checkpoint} does not fit {cfg.model.type} of {args.config}: '
-                           f'missing {missing[:5]}, unexpected {unexpected[:5]}')
-    model.eval()
+    model = load_trained_model(cfg.model, args.checkpoint, args.config)
 
     if args.teacher:
         sampler = build(SAMPLERS, dict(type='EDMHeunSampler', num_steps=args.steps or 18))

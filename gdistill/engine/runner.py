@@ -18,7 +18,7 @@ from mmengine.runner import Runner
 from mmengine.runner import checkpoint as mm_checkpoint
 
 from ..distillers.base import BaseDistiller
-from ..registry import UnknownTypeError
+from ..registry import MODELS, UnknownTypeError
 from . import hooks  # noqa: F401  (registers the hooks before the runner builds them)
 from .config_check import ConfigKeyError, check_component, check_config, check_model_data
 from .fsdp import is_fsdp, serving
@@ -145,6 +145,23 @@ def trusting(path):
         yield
     finally:
         mm_checkpoint.torch.load = original
+
+
+def load_trained_model(model_cfg, checkpoint, config_name=None):
+    """The model of ``model_cfg`` with the weights of ``checkpoint``, in eval mode, for sampling
+    and evaluation. The checkpoint is one this project's runner wrote (it holds mmengine's log
+    history, hence ``weights_only=False`` for it only). The teacher's weights may be absent (it is
+    rebuilt from its config); any other missing or unexpected key is an error naming both."""
+    if not osp.isfile(checkpoint):
+        raise FileNotFoundError(f'checkpoint {checkpoint!r} does not exist')
+    model = MODELS.build(model_cfg)
+    state = torch.load(checkpoint, map_location='cpu', weights_only=False)
+    missing, unexpected = model.load_state_dict(state.get('state_dict', state), strict=False)
+    if unexpected or [k for k in missing if not k.startswith('teacher.')]:
+        source = f' of {config_name}' if config_name else ''
+        raise RuntimeError(f'{checkpoint} does not fit {model_cfg["type"]}{source}: missing {missing[:5]}, '
+                           f'unexpected {unexpected[:5]}')
+    return model.eval()
 
 
 def _iteration(path):
