@@ -1,7 +1,8 @@
 """The cost of sCM's tangent, in one run: a JVP tangent (``torch.func.jvp``, F⁻ and cos t sin t·σ_d·
-dF⁻/dt in one forward-mode pass) and a finite-difference tangent (F⁻ plus two evaluations on
-float64 copies of the weights), each as a ratio to one no-grad forward of the same network — the
-student's F as the sCD/sCT distiller calls it (``gdistill.distillers.consistency.tangent_terms``).
+dF⁻/dt in one forward-mode pass), the same JVP through torch's built-in forward-mode rules for
+convolution and GroupNorm (the path before the EDM layers wrote theirs out) and a
+finite-difference tangent (F⁻ plus two evaluations on float64 copies of the weights), each as a
+ratio to one no-grad forward of the same network — the student's F as the sCD/sCT distiller calls it (``gdistill.distillers.consistency.tangent_terms``).
 
     python benchmarks/scm_tangent_cost.py                      # a small DDPM++ UNet, 32x32
     python benchmarks/scm_tangent_cost.py --net toy --batch 1024
@@ -11,6 +12,7 @@ Times are medians over ``--repeats`` interleaved rounds after a warm-up; on CUDA
 call is synchronised.
 """
 import argparse
+import contextlib
 import math
 import os.path as osp
 import statistics
@@ -22,6 +24,7 @@ import torch
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 from gdistill.distillers.consistency import tangent_terms  # noqa: E402
 from gdistill.networks.edm import EDMPrecond  # noqa: E402
+from gdistill.networks.edm import layers as edm_layers  # noqa: E402
 from gdistill.networks.mlp import MLPDenoiser  # noqa: E402
 from gdistill.networks.trigflow import TrigFlowStudent  # noqa: E402
 
@@ -35,6 +38,17 @@ NETS = {
                                   decoder_type='standard', channel_mult_noise=1, resample_filter=[1, 1],
                                   augment_dim=9, dropout=0.0),
 }
+
+
+@contextlib.contextmanager
+def builtin_forward_ad():
+    """Inside: the EDM layers use torch's own forward-mode rules, not their written-out ones."""
+    real = edm_layers.forward_ad_active
+    edm_layers.forward_ad_active = lambda: False
+    try:
+        yield
+    finally:
+        edm_layers.forward_ad_active = real
 
 
 def timed(fn, device):
@@ -75,7 +89,14 @@ def main(argv=None):
     def fd():
         tangent_terms(student, x_in, t, dxdt, 0.5, seed=0, method='finite_difference')
 
-    runs = dict(forward=forward, jvp=jvp, finite_difference=fd)
+    def jvp_builtin():
+        # the same JVP through torch's own forward-mode rules for convolution and GroupNorm
+        # (zero-tangent weight convolutions, a decomposed GroupNorm): the path before
+        # gdistill.networks.edm.layers wrote them out
+        with builtin_forward_ad():
+            jvp()
+
+    runs = dict(forward=forward, jvp=jvp, jvp_builtin=jvp_builtin, finite_difference=fd)
     for fn in runs.values():                       # warm-up (allocations, kernels)
         fn()
     times = {k: [] for k in runs}
@@ -90,6 +111,7 @@ def main(argv=None):
     print('| tangent | ms | × no-grad forward |')
     print('|---|---|---|')
     labels = dict(forward='no-grad forward of F', jvp='JVP tangent (F⁻ + dF⁻/dt)',
+                  jvp_builtin="JVP tangent, torch's built-in conv/GroupNorm rules",
                   finite_difference='finite-difference tangent (F⁻ + 2 float64 evaluations)')
     for k in runs:
         print(f'| {labels[k]} | {1e3 * med[k]:.1f} | {med[k] / med["forward"]:.2f} |')

@@ -21,6 +21,7 @@ from mmengine.registry import \
     OPTIM_WRAPPER_CONSTRUCTORS as MMENGINE_OPTIM_WRAPPER_CONSTRUCTORS
 from mmengine.registry import VISUALIZERS as MMENGINE_VISUALIZERS
 from mmengine.registry import Registry
+from mmengine import registry as _mmengine_registry
 
 
 class UnknownTypeError(KeyError):
@@ -85,6 +86,34 @@ OPTIM_WRAPPER_CONSTRUCTORS = _child('optimizer wrapper constructor',
                                     MMENGINE_OPTIM_WRAPPER_CONSTRUCTORS, ['engine'])
 MODEL_WRAPPERS = _child('model_wrapper', MMENGINE_MODEL_WRAPPERS, ['engine'])
 VISUALIZERS = _child('visualizer', MMENGINE_VISUALIZERS, ['engine'])
+
+
+def _scope_children():
+    """An empty gdistill child of every other mmengine root registry (optimizers, optimiser
+    wrappers, parameter schedulers, visualisation backends, log processors, …). Under
+    ``default_scope='gdistill'`` mmengine looks for a registry of that scope in each registry
+    tree it builds from; without one it warns ("Failed to search registry with scope gdistill
+    in the … registry tree") and falls back to its own. A child finds everything its parent
+    holds, so these change no lookup and silence the warning."""
+    children = {}
+    for attr in sorted(dir(_mmengine_registry)):
+        root = getattr(_mmengine_registry, attr)
+        if not (attr.isupper() and isinstance(root, Registry)) or root.parent is not None:
+            continue
+        if 'gdistill' in root.children:
+            children[attr] = root.children['gdistill']
+        else:
+            # the parent's locations: a child imports them before it looks up its parent
+            children[attr] = GdRegistry(root.name, parent=root, scope='gdistill',
+                                        locations=list(getattr(root, '_locations', [])))
+    return children
+
+
+SCOPE_CHILDREN = _scope_children()
+OPTIMIZERS = SCOPE_CHILDREN['OPTIMIZERS']
+OPTIM_WRAPPERS = SCOPE_CHILDREN['OPTIM_WRAPPERS']
+PARAM_SCHEDULERS = SCOPE_CHILDREN['PARAM_SCHEDULERS']
+VISBACKENDS = SCOPE_CHILDREN['VISBACKENDS']
 
 
 def build(registry, cfg, **kwargs):

@@ -41,3 +41,28 @@ def test_table_from_run_files(tmp_path):
     assert '| ring8 | cosim | 5 | 10 |' in table and '| ring8 | sid | 5 | > 10 |' in table
     failed = compare_toy.collect(args, [dict(method='sid', mixture='ring8', status='failed', error='boom')])
     assert 'failed: boom' in failed
+
+
+def test_seeds_give_mean_and_std_and_drift(tmp_path):
+    cfg = compare_toy.variant_config('cosim', 'wring8', iters=7, eval_interval=5, seed=3,
+                                     cfg_options={'model.sampler.scale': 1.2})
+    assert cfg.randomness.seed == 3 and cfg.model.sampler.scale == 1.2
+    assert cfg.model.teacher.fit.target.mixture == dict(name='weighted_ring')
+    args = type('A', (), dict(iters=10, jobs=1, mixtures=['ring8'], methods=['cosim'], seeds=[0, 1, 2],
+                              work_dir=str(tmp_path), mmd_targets=[0.01], eval_interval=5))()
+    for seed, (mmd, tv, last) in enumerate([(0.004, 0.02, 0.05), (0.006, 0.04, 0.02), (0.008, 0.06, 0.03)]):
+        d = tmp_path / 'ring8' / 'cosim' / f'seed{seed}'
+        d.mkdir(parents=True)
+        rows = [dict(name='CoSIM', nfe=4, sw2=0.2, mmd=mmd, near_mode=0.9, mode_tv=tv, near_mode_tv=0.1, nll=2.0),
+                dict(name='exact floor', nfe=0, sw2=0.1, mmd=0.0, near_mode=0.99, mode_tv=0.0, near_mode_tv=0.0, nll=1.0)]
+        (d / 'metrics.json').write_text(json.dumps(rows))
+        history = [dict(iter=5, mmd=0.02, mode_tv=0.02), dict(iter=10, mmd=0.009, mode_tv=last)]
+        (d / 'eval_details.json').write_text(json.dumps(dict(history=history)))
+    statuses = [dict(method='cosim', mixture='ring8', seed=s, status='done') for s in range(3)]
+    table = compare_toy.collect(args, statuses)
+    # MMD² ×10³: 4, 6, 8 -> 6.00 ± 2.00; mode TV 0.02, 0.04, 0.06 -> 0.040 ± 0.020
+    assert '| cosim | CoSIM | 4 | 0.200 ± 0.000 | 6.00 ± 2.00 | 0.900 ± 0.000 | 0.040 ± 0.020 |' in table
+    assert table.count('exact floor') == 1 and '| 10 / 10 / 10 |' in table
+    # drift: best 0.02 in every seed, last 0.05 / 0.02 / 0.03 -> gaps 0.03, 0, 0.01 -> 2 of 3 within 0.01
+    assert '| ring8 | cosim | 3 | 0.020 ± 0.000 | 5 / 5 / 5 | 0.033 ± 0.015 | 0.013 ± 0.015 | 0.040 ± 0.020 | 2/3 |' in table
+    assert compare_toy.mean_std([1.0, float('nan'), 3.0]) == (2.0, 2 ** 0.5)

@@ -238,13 +238,18 @@ def test_edm_teacher_reads_the_ema_of_a_training_checkpoint(tmp_path):
     state = {**{f'network.{k}': v for k, v in net.state_dict().items()},
              **{f'network_ema.{k}': v for k, v in ema.state_dict().items()}, 'images_seen': torch.tensor(5.0)}
     marker = tmp_path / 'code_ran'
-    # what mmengine writes beside the weights (log history, numpy states) stands in for any object
-    ckpt = dict(meta=dict(iter=3, note=np.arange(3)), state_dict=state, message_hub=Payload(str(marker)))
-    torch.save(ckpt, tmp_path / 'iter_3.pth')
-    with pytest.raises(Exception):  # the safe default refuses the file outright
-        torch.load(tmp_path / 'iter_3.pth', weights_only=True)
-    teacher = EDMTeacher(network=TINY_NET, checkpoint=str(tmp_path / 'iter_3.pth'))
+    # a file whose pickle would run code is refused, and nothing of it runs
+    torch.save(dict(meta=dict(iter=3), state_dict=state, message_hub=Payload(str(marker))), tmp_path / 'evil.pth')
+    from gdistill.engine.checkpoint import UnsafeCheckpointError, write_checkpoint
+    with pytest.raises(UnsafeCheckpointError, match=r'evil\.pth: refused'):
+        EDMTeacher(network=TINY_NET, checkpoint=str(tmp_path / 'evil.pth'))
     assert not marker.exists()
+    # a checkpoint as the runner writes it (mmengine's log history and numpy states in plain form)
+    from mmengine.logging import HistoryBuffer
+    write_checkpoint(dict(meta=dict(iter=3, note=np.arange(3)), state_dict=state,
+                          message_hub=dict(log_scalars={'loss': HistoryBuffer([0.5], [1])})), tmp_path / 'iter_3.pth')
+    torch.load(tmp_path / 'iter_3.pth', weights_only=True)  # torch's safe default reads it
+    teacher = EDMTeacher(network=TINY_NET, checkpoint=str(tmp_path / 'iter_3.pth'))
     for k, v in ema.state_dict().items():
         assert torch.equal(teacher.network.state_dict()[k], v), k
     raw = EDMTeacher(network=TINY_NET, checkpoint=str(tmp_path / 'iter_3.pth'), checkpoint_prefix='network.')

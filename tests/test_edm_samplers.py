@@ -316,3 +316,94 @@ def test_registered_and_buildable():
     e = SAMPLERS.build(dict(type='EulerSampler', num_steps=4, rho=3.0))
     assert isinstance(e, EulerSampler) and e.nfe == 4 and e.rho == 3.0
     assert repr(e) == 'EulerSampler(num_steps=4, sigma_min=0.002, sigma_max=80.0, rho=3.0, nfe=4)'
+
+
+# --------------------------------------------------------------------------- (f) the network's range
+class RangedDenoiser(CountingDenoiser):
+    """A Gaussian denoiser that declares a σ range and discrete levels, as EDM's networks do
+    (VEPrecond: 0.02–100; iDDPMPrecond: its table u with round_sigma = nearest level)."""
+
+    def __init__(self, sigma_min=0.0, sigma_max=math.inf, levels=None):
+        super().__init__(gaussian_denoiser())
+        self.sigma_min, self.sigma_max, self.levels = sigma_min, sigma_max, levels
+
+    def round_sigma(self, sigma):
+        sigma = torch.as_tensor(sigma)
+        if self.levels is None:
+            return sigma
+        idx = (sigma.reshape(-1, 1) - self.levels.reshape(1, -1)).abs().argmin(1)
+        return self.levels[idx].reshape(sigma.shape).to(sigma.dtype)
+
+
+def test_grid_is_clamped_to_the_network_range_as_edm_sampler_does():
+    """VE networks: edm_sampler uses max(σ_min, 0.02) and min(σ_max, 100) — the grid of
+    EDMHeunSampler(18, 0.02, 80) — while a range wider than the sampler's changes nothing."""
+    z = torch.randn(4, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    ve = RangedDenoiser(0.02, 100.0)
+    out = EDMHeunSampler(18)(ve, z)
+    assert np.allclose(ve.sigmas[::2], edm_sigma_steps(18, 0.02, 80.0)[:-1].numpy(), rtol=1e-13)
+    assert min(ve.sigmas) == pytest.approx(0.02)
+    ref = EDMHeunSampler(18, sigma_min=0.02)(gaussian_denoiser(), z)
+    assert torch.equal(out, ref)
+    wide = RangedDenoiser(0.0, math.inf)
+    assert torch.equal(EDMHeunSampler(18)(wide, z), EDMHeunSampler(18)(gaussian_denoiser(), z))
+    narrow = RangedDenoiser(0.1, 20.0)
+    EulerSampler(6)(narrow, z)
+    assert narrow.sigmas[0] == pytest.approx(20.0) and narrow.sigmas[-1] == pytest.approx(0.1)
+    # the sampler's grid for this network, and switching the behaviour off
+    assert torch.equal(EDMHeunSampler(18).sigmas_for(ve), edm_sigma_steps(18, 0.02, 80.0))
+    off = RangedDenoiser(0.02, 100.0)
+    EDMHeunSampler(18, follow_network=False)(off, z)
+    assert min(off.sigmas) == pytest.approx(0.002)
+    with pytest.raises(ValueError, match=r"clamped to the network's noise range \[100.0, 200.0\] is empty"):
+        EDMHeunSampler(18)(RangedDenoiser(100.0, 200.0), z)
+
+
+def test_every_level_is_snapped_with_round_sigma():
+    """iDDPM-like networks: every σ_i, and σ̂ after churn, is one of the network's levels."""
+    levels = torch.linspace(0.01, 90.0, 200, dtype=torch.float64)
+    levels = torch.cat([levels[:1] / 2, levels])
+    z = torch.randn(4, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    net = RangedDenoiser(float(levels[0]), float(levels[-1]), levels)
+    EDMHeunSampler(10)(net, z)
+    grid = EDMHeunSampler(10).sigmas_for(net)
+    assert all(bool((levels == s).any()) for s in grid[:-1])
+    assert set(net.sigmas) <= set(levels.tolist())
+    # the ramp between the clamped ends (σ_min raised to the lowest level), then snapped
+    ramp = edm_sigma_steps(10, float(levels[0]), 80.0)[:-1]
+    assert torch.equal(grid[:-1], net.round_sigma(ramp)) and not torch.equal(grid[:-1], ramp)
+    churn = RangedDenoiser(float(levels[0]), float(levels[-1]), levels)
+    EDMHeunSampler(10, S_churn=5.0)(churn, z, generator=torch.Generator().manual_seed(0))
+    assert set(churn.sigmas) <= set(levels.tolist())
+    assert not set(churn.sigmas) <= set(grid.tolist())      # σ̂ = (1 + γ)σ_i, snapped
+
+
+def test_network_range_is_found_on_a_teacher_and_a_trainer():
+    """A teacher (its ``network``) and DenoisingTrainer's network give their range to the
+    sampler, so tools/sample.py --teacher, tools/eval.py and the trainer follow it."""
+    from gdistill.distillers.denoising import DenoisingTrainer
+    from gdistill.samplers.edm import noise_level_range
+    from gdistill.teachers import EDMTeacher
+    tiny = dict(img_resolution=8, img_channels=3, model_type='SongUNet', model_channels=8,
+                channel_mult=[1], num_blocks=1, attn_resolutions=[])
+    teacher = EDMTeacher(network=dict(type='VEPrecond', **tiny))
+    lo, hi, rnd = noise_level_range(teacher)
+    assert (lo, hi) == (0.02, 100.0) and rnd is not None
+    lo, hi, rnd = noise_level_range(teacher.edm_denoise)           # a bound method of it
+    assert (lo, hi) == (0.02, 100.0)
+    assert noise_level_range(gaussian_denoiser()) is None
+    torch.manual_seed(0)
+    trainer = DenoisingTrainer(network=dict(type='VEPrecond', **tiny),
+                               sampler=dict(type='EDMHeunSampler', num_steps=4))
+    z = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    got = trainer.sample(z)
+    with torch.no_grad():
+        ref = EDMHeunSampler(4, sigma_min=0.02, follow_network=False)(trainer.network, z)
+        off = EDMHeunSampler(4, follow_network=False)(trainer.network, z)
+    assert torch.equal(got, ref) and not torch.equal(got, off)
+
+
+def test_follow_network_must_be_a_bool():
+    with pytest.raises(TypeError, match='follow_network'):
+        EDMHeunSampler(4, follow_network='yes')
+    assert 'follow_network=False' in repr(EulerSampler(4, follow_network=False))

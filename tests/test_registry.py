@@ -135,3 +135,66 @@ def test_build_runner_leaves_other_key_errors_alone(monkeypatch):
         gd_runner.build_runner({})
     assert not isinstance(info.value, UnknownTypeError)
     assert info.value.args == ('something else',)
+
+
+def test_every_mmengine_registry_has_a_gdistill_child_so_builds_are_quiet(tmp_path):
+    """Under default_scope='gdistill' mmengine looks for a gdistill registry in every tree it
+    builds from (optimizers, optimiser wrappers, visualisation backends, …) and warns when
+    there is none; each has an empty child, which builds what its parent holds."""
+    import logging
+    import mmengine.optim  # noqa: F401  (registers torch's optimisers)
+    import mmengine.visualization  # noqa: F401
+    import mmengine.registry as mm
+    from mmengine.logging import MMLogger
+    roots = [getattr(mm, n) for n in dir(mm) if n.isupper() and isinstance(getattr(mm, n), mm.Registry)]
+    assert all('gdistill' in r.children for r in roots if r.parent is None)
+    messages = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            messages.append(record.getMessage())
+    logger = MMLogger.get_current_instance()
+    keep = Keep(level=logging.WARNING)
+    logger.addHandler(keep)
+    try:
+        with DefaultScope.overwrite_default_scope('gdistill'):
+            opt = mm.OPTIMIZERS.build(dict(type='Adam', params=[torch.nn.Parameter(torch.zeros(1))], lr=1e-3))
+            wrapper = mm.OPTIM_WRAPPERS.build(dict(type='OptimWrapper', optimizer=opt))
+            sched = mm.PARAM_SCHEDULERS.build(dict(type='ConstantLR', optimizer=wrapper, factor=1.0))
+            backend = mm.VISBACKENDS.build(dict(type='LocalVisBackend', save_dir=str(tmp_path)))
+    finally:
+        logger.removeHandler(keep)
+    assert isinstance(opt, torch.optim.Adam) and type(wrapper).__name__ == 'OptimWrapper'
+    assert type(sched).__name__ == 'ConstantLR' and type(backend).__name__ == 'LocalVisBackend'
+    assert not [m for m in messages if 'Failed to search registry' in m], messages
+    assert R.OPTIMIZERS.parent is mm.OPTIMIZERS and R.OPTIMIZERS.scope == 'gdistill'
+
+
+def test_no_unused_file_client_is_built(tmp_path):
+    """mmengine's checkpoint code builds a FileClient (and logs its deprecation warning) even
+    without file_client_args; inside ``unused_file_client`` it does not, and it still does with
+    them."""
+    import logging
+    from mmengine.fileio import FileClient
+    from mmengine.logging import MMLogger
+    from gdistill.engine.hooks import unused_file_client
+    messages = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            messages.append(record.getMessage())
+    logger = MMLogger.get_current_instance()
+    keep = Keep(level=logging.WARNING)
+    logger.addHandler(keep)
+    original = FileClient.__dict__['infer_client']
+    try:
+        with unused_file_client():
+            assert FileClient.infer_client(None, str(tmp_path)) is None
+        assert not messages, messages
+        with unused_file_client():
+            assert isinstance(FileClient.infer_client(dict(backend='disk'), str(tmp_path)), FileClient)
+        assert FileClient.__dict__['infer_client'] is original
+        assert isinstance(FileClient.infer_client(None, str(tmp_path)), FileClient)
+        assert any('"FileClient" will be deprecated' in m for m in messages)   # what it avoids
+    finally:
+        logger.removeHandler(keep)

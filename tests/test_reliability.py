@@ -1,7 +1,9 @@
 """Reliability: the non-finite guard, gradient accumulation across the alternating updates,
-mixed precision, exact resume after SIGKILL, truncated checkpoints, moved work dirs, crash-safe
+mixed precision, exact resume after SIGKILL, truncated checkpoints, bytes flipped inside a
+checkpoint's tensor, moved work dirs, crash-safe
 checkpoint rotation, and clear errors for misspelled keys, mismatched data and checkpoints of
-another method. (Two-process runs, DDP and FSDP: tests/test_distributed.py.)"""
+another method. (Two-process runs, DDP and FSDP: tests/test_distributed.py; files that would run
+code, config values, one-line errors, hung peers: tests/test_checkpoint_safety.py.)"""
 import collections
 import copy
 import glob
@@ -40,6 +42,7 @@ from gdistill.engine.hooks import (CheckpointMismatchError, SafeCheckpointHook, 
                                   model_layout_keys, replica_digest)
 from gdistill.engine.optim import MultiOptimWrapperConstructor
 from gdistill.engine import runner as gd_runner
+from gdistill.engine.checkpoint import CorruptCheckpointError, read_checkpoint
 from gdistill.engine.runner import GdRunner, apply_mixed_precision, checkpoint_candidates
 from gdistill.registry import DATASETS, MODELS, TEACHERS
 
@@ -300,7 +303,7 @@ def train(work, cache, **kw):
 
 
 def load(path):
-    return torch.load(path, map_location='cpu', weights_only=False)
+    return read_checkpoint(path)   # torch.load(weights_only=True), digest checked
 
 
 def assert_bitwise_equal(a, b):
@@ -362,6 +365,40 @@ def test_truncated_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, st
     assert f'resumed from {work}/iter_{ITERS - 2 * EVERY}.pth at iteration {ITERS - 2 * EVERY}' in log
     assert_bitwise_equal(straight / f'iter_{ITERS}.pth', work / f'iter_{ITERS}.pth')
     assert not (work / f'.iter_{ITERS}.pth.tmp').exists()
+
+
+def flip_tensor_bytes(path, key, n=16):
+    """Flip ``n`` bytes in the middle of the stored data of ``state_dict[key]`` — inside the
+    tensor's own record of the zip file, not in its header or pickle."""
+    tensor = torch.load(path, map_location='cpu', weights_only=True)['state_dict'][key]
+    raw = tensor.contiguous().view(-1).view(torch.uint8).numpy().tobytes()
+    data = bytearray(path.read_bytes())
+    at = data.find(raw)
+    assert at > 0 and data.find(raw, at + 1) < 0, 'the tensor\'s bytes are not unique in the file'
+    mid = at + len(raw) // 2
+    data[mid:mid + n] = bytes(b ^ 0xFF for b in data[mid:mid + n])
+    path.write_bytes(bytes(data))
+    return tensor
+
+
+def test_bytes_flipped_inside_a_tensor_are_detected_and_the_previous_checkpoint_used(tmp_path, straight, cache):
+    work = tmp_path / 'flipped'
+    work.mkdir()
+    for it in (ITERS - 2 * EVERY, ITERS - EVERY):
+        (work / f'iter_{it}.pth').write_bytes((straight / f'iter_{it}.pth').read_bytes())
+    newest = work / f'iter_{ITERS - EVERY}.pth'
+    key = 'generator.blocks.0.weight'
+    before = flip_tensor_bytes(newest, key)
+    # torch itself notices nothing: the file loads, with other weights
+    after = torch.load(newest, map_location='cpu', weights_only=True)['state_dict'][key]
+    assert not torch.equal(before, after) and after.shape == before.shape
+    with pytest.raises(CorruptCheckpointError, match=rf'{re.escape(str(newest))}: integrity check failed'):
+        read_checkpoint(newest)
+    (work / 'last_checkpoint').write_text(newest.name)
+    log = train(work, cache, resume=True)
+    assert f'checkpoint {newest} is unreadable ({newest}: integrity check failed' in log
+    assert f'resumed from {work}/iter_{ITERS - 2 * EVERY}.pth at iteration {ITERS - 2 * EVERY}' in log
+    assert_bitwise_equal(straight / f'iter_{ITERS}.pth', work / f'iter_{ITERS}.pth')
 
 
 def test_moved_work_dir_still_resumes(tmp_path, straight, cache):

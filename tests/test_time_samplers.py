@@ -2,6 +2,7 @@
 SiD's fixed-mixing-time sampler."""
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -186,3 +187,67 @@ def test_cosim_bad_arguments(kw, match):
 def test_fixed_mixing_bad_arguments(kw, match):
     with pytest.raises(ValueError, match=match):
         FixedMixingTimeSampler(**kw)
+
+
+# ----------------------------------------------------------------------------- App. A.1's window
+def _paper_cdf(R, gamma):
+    """The law of r_t (r = 1 − u: 0 at σ_min, 1 at σ_max) under CoSIM App. A.1 with r_s ~ U[0, 1],
+    computed by numerical integration, independently of the sampler: Γ = U·(1/k) with
+    k ~ U{1..R} has CDF F_Γ(y) = (1/R)·Σ_k min(k·y, 1); P(r_s + Γ ≤ x) = ∫_0^x F_Γ(y) dy for
+    x < 1; everything else (B = 0, or r_s + Γ ≥ 1) is the atom r_t = 1."""
+    from scipy.integrate import quad
+
+    def f_gamma(y):
+        return sum(min(k * y, 1.0) for k in range(1, R + 1)) / R
+    breaks = [1.0 / k for k in range(1, R + 1)]
+
+    # ∫ over a fine grid, segment by segment (each segment's integrand is smooth but at breaks)
+    grid = np.linspace(0.0, 1.0, 4001)
+    pieces = [quad(f_gamma, a, b, points=[c for c in breaks if a < c < b] or None)[0]
+              for a, b in zip(grid[:-1], grid[1:])]
+    values = (1 - gamma) * np.concatenate([[0.0], np.cumsum(pieces)])
+    atom = 1 - values[-1]                          # P(r_t = 1)
+
+    def cdf(x):                                    # P(r_t ≤ x | r_t < 1)
+        return np.interp(np.minimum(x, 1.0), grid, values) / (1 - atom)
+    return cdf, atom
+
+
+@pytest.mark.parametrize('R', [1, 2, 4, 8])
+def test_paper_window_follows_appendix_a1(R):
+    """KS test on 10⁵ draws of r_t against App. A.1's law (its part below 1), and the atom at
+    r_t = 1 (the pairs that start from the prior) against its probability; today's single window
+    fails the same test."""
+    from scipy.stats import kstest
+    n, gamma = 100_000, 0.5
+    cdf, atom = _paper_cdf(R, gamma)
+
+    def draws(window, seed):
+        ts = CoSIMTimeSampler(gamma=gamma, R=R, window=window)
+        p = ts.sample(n, EDMSchedule(), generator=gen(seed))
+        r_s = 1 - ts.u_of_sigma(p.sigma_s)
+        r_t = 1 - ts.u_of_sigma(p.sigma_t)
+        return p, r_s, r_t
+
+    p, r_s, r_t = draws('paper', 40 + R)
+    top = p.from_prior
+    # the pairs at r_t = 1 are exactly the prior pairs, the others lie in [r_s, 1)
+    assert bool((r_t[top] > 1 - 1e-9).all()) and bool((r_t[~top] < 1 - 1e-12).all())
+    assert bool((r_t[~top] >= r_s[~top] - 1e-9).all())
+    assert abs(float(top.double().mean()) - atom) < 5 * math.sqrt(atom * (1 - atom) / n)
+    res = kstest(r_t[~top].numpy(), cdf)
+    assert res.pvalue > 1e-3, (R, res)
+    # the window sizes 1, 1/2, ..., 1/R all occur: some increments exceed 1/R (for R > 1)
+    if R > 1:
+        assert float((r_t[~top] - r_s[~top]).max()) > 1 / R + 0.1 * (1 - 1 / R)
+    # today's 'fixed' window draws a different law
+    p2, _, r_t2 = draws('fixed', 40 + R)
+    res2 = kstest(r_t2[~p2.from_prior].numpy(), cdf)
+    assert res2.pvalue < 1e-6, (R, res2)
+
+
+def test_paper_window_bad_arguments():
+    with pytest.raises(ValueError, match=r"window is 'fixed' .* or 'paper' .*got 'wide'"):
+        CoSIMTimeSampler(window='wide')
+    with pytest.raises(ValueError, match=r"window='paper' .* R must be an integer, got 2.5"):
+        CoSIMTimeSampler(R=2.5, window='paper')

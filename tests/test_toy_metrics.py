@@ -7,9 +7,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gdistill.data.toy_mixtures import GaussianMixture, chi_coverage, ring8
-from gdistill.metrics.toy import (ToyMixtureMetric, default_bandwidth, mean_nll, mmd, mode_tv,
-                                  near_mode_fraction, sliced_w2, toy_floor, toy_metrics)
+from gdistill.data.toy_mixtures import GaussianMixture, chi_coverage, grid25, ring8, weighted_ring
+from gdistill.metrics.toy import (ToyMixtureMetric, coverage_radius, default_bandwidth, mean_nll, mmd,
+                                  mode_tv, near_mode_fraction, near_mode_tv, sliced_w2, toy_floor,
+                                  toy_metrics)
 from gdistill.registry import METRICS
 
 F64 = torch.float64
@@ -203,7 +204,7 @@ def _inflated(gm, n, g, factor):
 def test_toy_metrics_floor_and_degraded_samplers_separate():
     gm, n = ring8(), 5000
     floor = toy_floor(gm, n, generator=gen(0))
-    assert set(floor) == {'sw2', 'mmd', 'near_mode', 'mode_tv', 'nll'}
+    assert set(floor) == {'sw2', 'mmd', 'near_mode', 'mode_tv', 'near_mode_tv', 'nll'}
     assert abs(floor['near_mode'] - chi_coverage(2, 3.0)) < 0.008
     assert floor['mode_tv'] < 0.03 and abs(floor['mmd']) < 2e-4 and floor['sw2'] < 0.35
     wide = toy_metrics(_inflated(gm, n, gen(1), 1.5), gm, generator=gen(2))
@@ -231,6 +232,7 @@ def test_toy_metrics_reproducible_names_and_nonfinite():
     x[0, 0] = float('inf')
     m = toy_metrics(x, gm, generator=gen(1))
     assert math.isnan(m['sw2']) and math.isnan(m['mmd']) and math.isnan(m['nll']) and math.isnan(m['mode_tv'])
+    assert math.isnan(m['near_mode_tv'])
     assert m['near_mode'] <= 99 / 100
     with pytest.raises(ValueError, match='dim'):
         toy_metrics(torch.zeros(10, 3), gm)
@@ -245,8 +247,49 @@ def test_toy_mixture_metric_mmengine():
     metric.process(None, [dict(samples=r) for r in x[200:400]])    # dicts of rows
     metric.process(None, [x[400:500], x[500:600]])                 # list of tensors
     out = metric.evaluate(600)
-    assert set(out) == {f'toy/{k}' for k in ('sw2', 'mmd', 'near_mode', 'mode_tv', 'nll')}
+    assert set(out) == {f'toy/{k}' for k in ('sw2', 'mmd', 'near_mode', 'mode_tv', 'near_mode_tv', 'nll')}
     ref = gm.sample(600, generator=gen(3))
     want = toy_metrics(x, gm, reference=ref, generator=None)
     assert out['toy/near_mode'] == want['near_mode'] and out['toy/mmd'] == pytest.approx(want['mmd'])
     assert metric.results == []
+
+
+# --- TV with an off-mode bin ------------------------------------------------------------------------------
+def test_coverage_radius_closed_forms():
+    # 2-D: P(χ²₂ ≤ r²) = 1 − exp(−r²/2), so r = √(−2 ln(1 − c))
+    assert coverage_radius(2, 0.99) == pytest.approx(math.sqrt(-2 * math.log(0.01)), abs=1e-8)
+    # 1-D: P(|z| ≤ r) = erf(r/√2); 1.959964 for 0.95
+    assert coverage_radius(1, 0.95) == pytest.approx(1.959963985, abs=1e-7)
+    assert chi_coverage(16, coverage_radius(16, 0.99)) == pytest.approx(0.99, abs=1e-9)
+    with pytest.raises(ValueError, match='coverage'):
+        coverage_radius(2, 1.0)
+
+
+def test_near_mode_tv_exact_blur_and_wrong_weights():
+    c = 0.99
+    # exact samples: only sampling noise
+    gm = grid25()
+    assert near_mode_tv(gm.sample(40000, generator=gen(0)), gm) < 0.02
+    # the uniform square [−5, 5]²: every nearest-mean cell has area 4 (mode_tv ≈ 0), but each mode's
+    # disk of radius r·0.1 holds π(0.1 r)²/100 of it, against c/25 for exact samples
+    u = 10 * torch.rand(40000, 2, generator=gen(1), dtype=F64) - 5
+    p = math.pi * (0.1 * coverage_radius(2, c)) ** 2 / 100
+    want = 0.5 * 25 * (c / 25 - p) + 0.5 * abs(1 - 25 * p - (1 - c))
+    assert want == pytest.approx(0.918, abs=1e-3)
+    assert near_mode_tv(u, gm) == pytest.approx(want, abs=0.01)
+    assert mode_tv(u, gm) < 0.03
+    # sharp modes with the wrong weights: exactly c·TV(w, ŵ) in expectation
+    wr = weighted_ring()
+    x = ring8().sample(40000, generator=gen(2))          # equal weights, same means and stds
+    tv = 0.5 * float((wr.weights - 1 / 8).abs().sum())
+    assert near_mode_tv(x, wr) == pytest.approx(c * tv, abs=0.012)
+    assert mode_tv(x, wr) == pytest.approx(tv, abs=0.012)
+    # modes inflated ×2: weights right, but a quarter of the mass leaves the 99 % discs
+    z = wr.sample(40000, generator=gen(3), return_components=True)
+    mu = wr.means.float()[z[1]]
+    wide = mu + 2 * (z[0] - mu)
+    inside = 1 - math.exp(-coverage_radius(2, c) ** 2 / 8)  # P(‖2s·n‖ ≤ r s) in 2-D
+    assert near_mode_tv(wide, wr) == pytest.approx(c - inside, abs=0.012)
+    bad = x.clone()
+    bad[0, 1] = float('nan')
+    assert math.isnan(near_mode_tv(bad, wr))

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gdistill.data.toy_mixtures import (TOY_MIXTURES, GaussianMixture, chi_coverage, grid25,
-                                        make_mixture, random_mixture, ring8)
+                                        make_mixture, random_mixture, ring8, weighted_ring)
 from gdistill.schedules import EDMSchedule, TrigFlowSchedule, VESchedule, VPSchedule
 
 F64 = torch.float64
@@ -359,3 +359,27 @@ def test_repr_identifies_parameters():
     assert repr(ring8()) != repr(ring8(radius=3.0)) and repr(ring8()) != repr(ring8(std=0.2))
     assert repr(random_mixture(seed=0)) != repr(random_mixture(seed=1))
     assert 'num_modes=8' in repr(ring8())
+
+
+def test_weighted_ring_weights_and_geometry():
+    wr = weighted_ring()
+    assert torch.equal(wr.means, ring8().means) and torch.equal(wr.stds, ring8().stds)
+    q = 4.0 ** (1 / 7)
+    want = torch.tensor([q ** r for r in (0, 7, 1, 6, 2, 5, 3, 4)], dtype=torch.float64)
+    assert torch.allclose(wr.weights, want / want.sum(), atol=1e-15)
+    assert float(wr.weights.max() / wr.weights.min()) == pytest.approx(4.0, abs=1e-12)
+    # heavy next to light: every neighbour pair differs by at least the geometric step
+    w = wr.weights
+    assert all(float(max(w[k], w[(k + 1) % 8]) / min(w[k], w[(k + 1) % 8])) >= q - 1e-12 for k in range(8))
+    four = make_mixture(dict(name='weighted_ring', num_modes=4, weight_ratio=9.0))
+    assert four.num_modes == 4
+    assert torch.allclose(four.weights * (1 + 9 + 9 ** (1 / 3) + 9 ** (2 / 3)),
+                          torch.tensor([1.0, 9.0, 9 ** (1 / 3), 9 ** (2 / 3)], dtype=torch.float64))
+    # sampling frequencies follow the weights
+    _, comp = wr.sample(80000, generator=torch.Generator().manual_seed(0), return_components=True)
+    share = torch.bincount(comp, minlength=8).to(torch.float64) / 80000
+    assert float((share - wr.weights).abs().max()) < 0.006
+    with pytest.raises(ValueError, match='weight_ratio'):
+        weighted_ring(weight_ratio=0.5)
+    with pytest.raises(ValueError, match='num_modes'):
+        weighted_ring(num_modes=1)

@@ -478,4 +478,6 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    main()
+    sys.path.insert(0, ROOT)
+    from gdistill.engine.cli import run  # one line and exit 2 for a user error; --debug: traceback
+    run(main)

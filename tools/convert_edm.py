@@ -8,9 +8,21 @@ writes, into OUT_DIR:
   with ``torch.load(..., weights_only=True)``);
 - ``network.json``: the MODELS config that rebuilds the network (recorded constructor
   arguments), plus ``num_params`` and the source file name;
-- ``teacher.py``: an mmengine config snippet ``teacher = dict(type='EDMTeacher', ...)``.
+- ``teacher.py``: an mmengine config that defines ``edm_teacher = dict(type='EDMTeacher',
+  network=..., checkpoint='{{ fileDirname }}/state_dict.pt')``. The weights are found beside the
+  config wherever the folder is moved (mmengine replaces ``{{ fileDirname }}`` with the folder of
+  the file when it reads it); no absolute path is written. Use it as a base of a method config::
 
-The pickle is read with gdistill's safe loader: no code from the file is executed.
+      # my_run.py
+      _base_ = ['projects/cosim/cifar10.py', 'work_dirs/edm-cifar10-cond-vp/teacher.py']
+      model = dict(teacher=dict(_delete_=True, **_base_.edm_teacher))
+
+  (``_base_`` paths are relative to ``my_run.py``.) Without converting,
+  ``--cfg-options teacher.path=edm-….pkl teacher.network=None`` reads the pickle directly.
+
+The pickle is read with gdistill's safe loader: no code from the file is executed. Official
+pickles record their classes by bare name (``'EDMPrecond'``, persistence version 6); see
+``gdistill.teachers.edm_pickle``.
 """
 import argparse
 import json
@@ -40,6 +52,19 @@ def _py(value):
     return repr(value)
 
 
+TEACHER_CONFIG = """\
+# Converted from {source} (key {key!r}, {num_params:,} parameters) by tools/convert_edm.py.
+# The weights are state_dict.pt beside this file; mmengine replaces {{{{ fileDirname }}}} with this
+# file's folder when it reads the config. Use it as a base of a method config, e.g.
+#   _base_ = ['projects/cosim/cifar10.py', 'path/to/this/teacher.py']
+#   model = dict(teacher=dict(_delete_=True, **_base_.edm_teacher))
+edm_teacher = dict(
+    type='EDMTeacher',
+    network={network},
+    checkpoint='{{{{ fileDirname }}}}/state_dict.pt')
+"""
+
+
 def convert(pickle_path, out_dir, key='ema'):
     """Write state_dict.pt, network.json and teacher.py for ``key`` of ``pickle_path`` into
     ``out_dir``; returns the network config."""
@@ -61,9 +86,8 @@ def convert(pickle_path, out_dir, key='ema'):
                        source=osp.basename(pickle_path), key=key), f, indent=2)
         f.write('\n')
     with open(osp.join(out_dir, 'teacher.py'), 'w') as f:
-        f.write(f'# converted from {osp.basename(pickle_path)} by tools/convert_edm.py\n')
-        f.write(f'teacher = dict(\n    type=\'EDMTeacher\',\n    network={_py(config)},\n'
-                f'    checkpoint={osp.abspath(weights)!r})\n')
+        f.write(TEACHER_CONFIG.format(source=osp.basename(pickle_path), key=key,
+                                      network=_py(config), num_params=num_params))
     return config, num_params
 
 
@@ -78,4 +102,5 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    main()
+    from gdistill.engine.cli import run  # one line and exit 2 for a user error; --debug: traceback
+    run(main)

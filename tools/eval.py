@@ -54,7 +54,9 @@ from gdistill.engine.image_eval import denoiser_for, evaluate_images, evaluate_s
 from gdistill.engine.runner import load_trained_model  # noqa: E402
 from gdistill.metrics.frechet import FeatureStats, save_reference  # noqa: E402
 from gdistill.metrics.image import ImageEvaluator  # noqa: E402
+from gdistill.networks.edm.precond import PRECISIONS, in_precision  # noqa: E402
 from gdistill.registry import DATASETS, DETECTORS, SAMPLERS, build  # noqa: E402
+from gdistill.samplers.decoded import with_decoder  # noqa: E402
 from train import load_config  # noqa: E402
 
 DETECTOR_KINDS = {'inception': ('InceptionDetector', 'path'), 'dinov2': ('DINOv2Detector', 'path'),
@@ -170,11 +172,13 @@ def cmd_gen(args, rank, world):
         sampler_cfg, source = dict(cfg.model.sampler), 'student'
         if args.steps:
             sampler_cfg['num_steps'] = args.steps
-    sampler = build(SAMPLERS, sampler_cfg)
+    # a latent model's samples are measured as pixels, decoded by the config's `decoder`
+    sampler = with_decoder(build(SAMPLERS, sampler_cfg), cfg.get('decoder'), model)
     if model.teacher is model:  # a DenoisingTrainer: its network is the teacher
         source = 'teacher'
     evaluator = ImageEvaluator(metrics_of(cfg), device=device())
     net = denoiser_for(model, source)
+    net = in_precision(net, args.precision, device())     # the network calls only, not the detector
     results, kept = evaluate_sampler(net, sampler, evaluator, args.num_samples, args.batch, model.data_shape,
                                      model.teacher.label_dim, args.seed, device(), keep=args.keep)
     if rank == 0 and args.samples_out and kept is not None:
@@ -255,6 +259,8 @@ def parse_args(argv=None):
     g.add_argument('--sampler', help='a SAMPLERS config as a dict literal')
     g.add_argument('--num-samples', type=int, default=4500, help='(not --num: torchrun would take that for its own option)')
     g.add_argument('--seed', type=int, default=0)
+    g.add_argument('--precision', choices=PRECISIONS, default='fp32',
+                   help='network precision while sampling (bf16: EDM networks wholly in bfloat16)')
     g.add_argument('--name')
     g.add_argument('--keep', type=int, default=100, help='samples kept for --samples-out')
     g.add_argument('--samples-out', help='.npz of the first --keep samples and their labels')
@@ -295,4 +301,5 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    main()
+    from gdistill.engine.cli import run  # one line and exit 2 for a user error; --debug: traceback
+    run(main)

@@ -1,11 +1,13 @@
 """Draw samples from a trained distiller.
 
     python tools/sample.py CONFIG CHECKPOINT [--steps K] [--num N] [--out DIR] [--seed S]
-        [--teacher] [--cfg-options k=v ...]
+        [--teacher] [--precision fp32|bf16] [--cfg-options k=v ...]
 
 Writes ``samples_nfe{K}.npz`` (``samples``, ``labels``) and ``samples_nfe{K}.png`` to DIR
 (default: the checkpoint's folder). ``--steps`` overrides the sampler's number of steps;
 ``--teacher`` samples the teacher with EDM's Heun sampler (``--steps`` Heun steps) instead.
+``--precision bf16`` runs the networks in bfloat16 (EDM networks wholly, see
+``gdistill.networks.edm.sampling_precision``); the samples are float32 either way.
 """
 import argparse
 import os
@@ -21,7 +23,9 @@ from mmengine.registry import DefaultScope  # noqa: E402
 
 from gdistill.engine.runner import load_trained_model  # noqa: E402
 from gdistill.engine.visual import save_samples_figure  # noqa: E402
+from gdistill.networks.edm.precond import PRECISIONS, in_precision  # noqa: E402
 from gdistill.registry import SAMPLERS, build  # noqa: E402
+from gdistill.samplers.decoded import with_decoder  # noqa: E402
 from train import load_config  # noqa: E402
 
 
@@ -36,6 +40,7 @@ def main(argv=None):
     p.add_argument('--out')
     p.add_argument('--teacher', action='store_true', help="sample the teacher with EDM's Heun sampler")
     p.add_argument('--no-ema', action='store_true', help='use the raw generator, not its EMA')
+    p.add_argument('--precision', choices=PRECISIONS, default='fp32', help='network precision while sampling')
     p.add_argument('--cfg-options', nargs='+', action=DictAction, default={})
     args = p.parse_args(argv)
     cfg = load_config(args.config, cfg_options=args.cfg_options)
@@ -51,6 +56,8 @@ def main(argv=None):
             sampler_cfg['num_steps'] = args.steps
         sampler = build(SAMPLERS, sampler_cfg)
         net = model.sampling_network(use_ema=not args.no_ema)
+    # a latent model's samples are decoded to pixels by the config's `decoder` (e.g. StabilityVAE)
+    sampler = with_decoder(sampler, cfg.get('decoder'), model)
 
     g = torch.Generator().manual_seed(args.seed)
     k = model.teacher.label_dim
@@ -63,7 +70,7 @@ def main(argv=None):
             lab = torch.nn.functional.one_hot(torch.arange(start, start + n) % k, k).float()
             labels.append(lab.argmax(1))
         with torch.no_grad():
-            chunks.append(sampler(net, noise, lab, generator=g))
+            chunks.append(sampler(in_precision(net, args.precision, noise.device), noise, lab, generator=g))
     x = torch.cat(chunks)
     out = args.out or osp.dirname(osp.abspath(args.checkpoint))
     os.makedirs(out, exist_ok=True)
@@ -74,4 +81,5 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    main()
+    from gdistill.engine.cli import run  # one line and exit 2 for a user error; --debug: traceback
+    run(main)

@@ -8,8 +8,14 @@ With no CONFIG the embedded default, projects/cosim/toy2d.py, runs. ``teacher.X=
 built (a misspelled key fails with the closest right one). Options for long runs (see
 docs/reliability.md): ``fsdp=True`` (shard the trained networks, with --launcher pytorch),
 ``mixed_precision=bf16`` (CUDA only), ``optim_wrapper.<network>.accumulative_counts=k`` (each
-update over k micro-batches of the batch), ``model.nonfinite_patience=K``. --resume restarts
-exactly where the last readable checkpoint left off.
+update over k micro-batches of the batch), ``model.nonfinite_patience=K``,
+``dist_timeout=SECONDS`` (how long a collective waits for a hung peer; 300 on CPU, NCCL's own on
+GPUs). --resume restarts exactly where the last readable checkpoint left off; checkpoints are
+read with ``torch.load(weights_only=True)`` and checked against their digest.
+
+A user error (a misspelt or out-of-range key, a missing or refused file) is one line on stderr
+and exit status 2; ``--debug`` (or ``GDISTILL_DEBUG=1``) shows the traceback instead. mmengine's
+environment and config dump goes to the log file; ``--print-env`` shows it on the terminal too.
 """
 import argparse
 import os
@@ -26,6 +32,8 @@ import gdistill.distillers  # noqa: E402,F401
 import gdistill.engine  # noqa: E402,F401
 import gdistill.metrics  # noqa: E402,F401
 import gdistill.networks  # noqa: E402,F401
+from gdistill.engine.cli import run  # noqa: E402
+from gdistill.engine.config_check import check_config  # noqa: E402
 from gdistill.engine.runner import build_runner, expand_aliases, setup_cpu_distributed  # noqa: E402
 
 DEFAULT_CONFIG = osp.join(osp.dirname(osp.dirname(osp.abspath(__file__))), 'projects', 'cosim', 'toy2d.py')
@@ -41,6 +49,9 @@ def parse_args(argv=None):
                    help='override config keys, e.g. model.divergence.coef=0.75 train_cfg.max_iters=500')
     p.add_argument('--launcher', choices=['none', 'pytorch', 'slurm', 'mpi'], default='none')
     p.add_argument('--local-rank', '--local_rank', type=int, default=0)
+    p.add_argument('--print-env', action='store_true',
+                   help="also print mmengine's environment, config and hook dump (always in the log file)")
+    p.add_argument('--debug', action='store_true', help='show the full traceback of every error')
     return p.parse_args(argv)
 
 
@@ -65,6 +76,9 @@ def main(argv=None):
     if 'LOCAL_RANK' not in os.environ:
         os.environ['LOCAL_RANK'] = str(args.local_rank)
     cfg = load_config(args.config, args.work_dir, args.cfg_options, args.resume, args.launcher)
+    if args.print_env:
+        cfg.print_env = True
+    check_config(cfg)  # keys and values, before anything is set up
     if cfg.get('torch_threads'):
         torch.set_num_threads(int(cfg.torch_threads))
     setup_cpu_distributed(cfg, args.launcher)
@@ -74,4 +88,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    main()
+    run(main)

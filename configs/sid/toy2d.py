@@ -17,6 +17,11 @@ model = dict(
     # s on the ρ-ramp up to t_max = 800 (σ_s ≤ 24.4); the ψ-stage draws ln σ ~ N(−1.2, 1.2²)
     time_sampler=dict(type='FixedMixingTimeSampler', sigma_init=2.5, t_max=800),
     sampler=sid_sampler,
+    # SiD's official loop: the network an update does not train runs in eval mode, and NaN
+    # samples are dropped with the loss divided by the whole batch (no effect on this MLP
+    # without dropout, nor on a finite batch)
+    inactive_mode='eval',
+    nonfinite='batch',
     ema_half_life_images=100_000,
     ema_rampup=0.5,
 )

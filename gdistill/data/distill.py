@@ -20,6 +20,11 @@ class DistillationDataset(Dataset):
     def __len__(self):
         return self.length
 
+    @property
+    def metainfo(self):
+        """What mmengine's loops hand to the visualizer (``dataset_meta``); without it they warn."""
+        return dict(length=self.length, label_dim=self.label_dim)
+
     def __getitem__(self, idx):
         item = {'idx': idx}
         if self.label_dim:

@@ -19,8 +19,9 @@ All parameters are held in float64 and every density/denoiser evaluation runs in
 log-sum-exp over components, so σ ∈ [0.002, 80] and points far from every mode are safe.
 
 Named mixtures (``TOY_MIXTURES``, built by ``make_mixture(name, **kw)``):
-``ring8`` (8 equal modes on a circle), ``grid25`` (5×5 grid) and ``random_mixture`` (seeded
-random mixture in d ≥ 16 with distinct weights and well separated means).
+``ring8`` (8 equal modes on a circle), ``grid25`` (5×5 grid), ``weighted_ring`` (ring8's
+geometry, 4–8 modes, weights alternating light/heavy with max/min = 4) and ``random_mixture``
+(seeded random mixture in d ≥ 16 with distinct weights and well separated means).
 """
 import difflib
 import hashlib
@@ -308,6 +309,29 @@ def grid25(spacing=2.0, std=0.1, size=5):
     gx, gy = torch.meshgrid(c, c, indexing='ij')
     means = torch.stack([gx.reshape(-1), gy.reshape(-1)], dim=1)
     return GaussianMixture(means, torch.full((size * size,), float(std), dtype=torch.float64))
+
+
+@register_mixture
+def weighted_ring(num_modes=8, radius=4.0, std=0.15, weight_ratio=4.0):
+    """ring8's geometry with unequal weights: ``num_modes`` isotropic modes at
+    radius·(cos 2πk/K, sin 2πk/K), weights w ∝ weight_ratio^{r_k/(K−1)} where the ranks r_k
+    alternate light and heavy around the ring (0, K−1, 1, K−2, …), so the heaviest mode sits next
+    to the lightest and max/min = ``weight_ratio`` exactly. For K = 8, ratio 4: weights
+    ∝ 1, 4, 1.22, 3.28, 1.49, 2.69, 1.81, 2.21 (sum-normalised)."""
+    if radius <= 0 or num_modes < 2:
+        raise ValueError(f'weighted_ring: need radius > 0 and num_modes >= 2, got {radius}, {num_modes}')
+    if weight_ratio < 1:
+        raise ValueError(f'weighted_ring: need weight_ratio >= 1, got {weight_ratio}')
+    base = ring8(radius=radius, std=std, num_modes=num_modes)
+    lo, hi, ranks = 0, num_modes - 1, []
+    while lo <= hi:
+        ranks.append(lo)
+        if hi != lo:
+            ranks.append(hi)
+        lo, hi = lo + 1, hi - 1
+    ranks = torch.tensor(ranks, dtype=torch.float64)
+    weights = float(weight_ratio) ** (ranks / (num_modes - 1))
+    return GaussianMixture(base.means, base.stds, weights)
 
 
 @register_mixture

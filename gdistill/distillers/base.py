@@ -13,6 +13,7 @@ from mmengine.model import BaseModel, is_model_wrapper
 
 from ..registry import MODELS, SAMPLERS, SCHEDULES, TEACHERS, build
 from ..utils import append_dims
+from .phema import _check_sigma_rel, power_ema_step
 
 
 @contextlib.contextmanager
@@ -50,10 +51,15 @@ def local_tensor(t):
 
 
 @torch.no_grad()
-def ema_step(ema, net, batch_size, half_life, images_seen, rampup=None):
+def ema_step(ema, net, batch_size, half_life, images_seen, rampup=None, sigma_rel=None):
     """One EMA update of ``ema`` towards ``net``: β = 0.5^(batch/half-life), the half-life in
-    images, capped at rampup·(images seen) when ``rampup`` is set (EDM's training). The EMA
-    is a whole copy on every process, also when ``net`` is sharded by FSDP."""
+    images, capped at rampup·(images seen) when ``rampup`` is set (EDM's training); or, with
+    ``sigma_rel``, EDM2's power-function EMA β = (1 − batch/images seen)^(γ+1)
+    (``gdistill.distillers.phema``). The EMA is a whole copy on every process, also when
+    ``net`` is sharded by FSDP."""
+    if sigma_rel is not None:
+        power_ema_step(ema, net, batch_size, images_seen, sigma_rel, gather=full_tensor)
+        return
     if rampup is not None:
         half_life = min(half_life, images_seen * rampup)
     beta = 0.5 ** (batch_size / max(half_life, 1e-8))
@@ -82,32 +88,60 @@ def micro_batch(labels, data, n, i, k):
     return (cut(labels) if labels is not None else None), part
 
 
-def nonfinite_problem(bad_terms, terms, wrapper, module, phase):
-    """What was not finite in this update — the loss terms ``bad_terms``, else the first
-    parameter with a non-finite gradient of the loss (the sum of ``terms``) — or None. A flag is
-    all-reduced so every process skips or steps together (FSDP's gradient shards differ between
-    processes)."""
-    problem = f'non-finite {", ".join(bad_terms)}' if bad_terms else None
-    if problem is None:
-        params = [p for group in wrapper.optimizer.param_groups for p in group['params'] if p.grad is not None]
-        if params:
-            grads = [local_tensor(p.grad) for p in params]
-            # one fused norm per tensor: finite whenever every entry is; an entry-wise check
-            # confirms a non-finite norm (a huge finite gradient can overflow its norm)
-            ok = torch.stack(torch._foreach_norm(grads)).isfinite()
-            if not bool(ok.all()):
-                ok = torch.stack([torch.isfinite(g).all() for g in grads])
-            if not bool(ok.all()):
-                names = {p: name for name, p in unwrap(module).named_parameters()}
-                first = params[int((~ok).nonzero()[0, 0])]
-                problem = f'non-finite gradient of {" + ".join(terms)} in {phase}.{names.get(first, "?")}'
-    if distributed():
-        device = torch.device('cuda', torch.cuda.current_device()) if dist.get_backend() == 'nccl' else 'cpu'
-        flag = torch.tensor([0.0 if problem else 1.0], device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-        if problem is None and flag.item() == 0:
-            problem = 'a non-finite loss or gradient on another process'
-    return problem
+def nonfinite_status(term_ok, wrapper):
+    """Everything the non-finite guard decides on, as device tensors and no host read: a bool
+    vector ``ok`` — one entry per loss term of each micro-batch (``term_ok``, already stacked),
+    then one per parameter with a gradient — and those parameters. A gradient's entry is the
+    finiteness of its max-norm, one fused reduction per tensor: finite exactly when every entry
+    is (NaN propagates through a maximum, and unlike the 2-norm it cannot overflow)."""
+    params = [p for group in wrapper.optimizer.param_groups for p in group['params'] if p.grad is not None]
+    parts = [term_ok.reshape(-1)]
+    if params:
+        norms = torch._foreach_norm([local_tensor(p.grad) for p in params], float('inf'))
+        parts.append(torch.stack([n.to(torch.float32) for n in norms]).isfinite().to(term_ok.device))
+    return torch.cat(parts), params
+
+
+def nonfinite_problem(ok, term_names, params, terms, module, phase):
+    """What was not finite in this update, read off the host copy ``ok`` (a list of bools from
+    ``nonfinite_status``; ``term_names`` names its first entries) — the loss terms that were not
+    finite, else the first parameter with a non-finite gradient of the loss (the sum of
+    ``terms``) — or None."""
+    bad_terms = sorted({name for name, good in zip(term_names, ok) if not good})
+    if bad_terms:
+        return f'non-finite {", ".join(bad_terms)}'
+    bad = [i for i, good in enumerate(ok[len(term_names):len(term_names) + len(params)]) if not good]
+    if bad:
+        names = {p: name for name, p in unwrap(module).named_parameters()}
+        return f'non-finite gradient of {" + ".join(terms)} in {phase}.{names.get(params[bad[0]], "?")}'
+    return None
+
+
+def global_ok_flag(ok):
+    """1.0 where every process's ``ok`` is all true, else 0.0 (a float tensor [1] on this process's
+    device): all-reduced, so every process skips or steps together (FSDP's gradient shards differ
+    between processes). No host read."""
+    device = torch.device('cuda', torch.cuda.current_device()) if dist.get_backend() == 'nccl' else 'cpu'
+    flag = ok.all().to(device=device, dtype=torch.float32).reshape(1)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return flag.to(ok.device)
+
+
+def supports_found_inf(wrapper):
+    """Whether the wrapper's optimiser skips its own step on a device flag (``found_inf`` of
+    torch's fused Adam/AdamW/SGD, the mechanism ``GradScaler`` uses), so the guard's decision can
+    stay on the device."""
+    opt = wrapper.optimizer
+    return bool(getattr(opt, '_step_supports_amp_scaling', False)) and all(
+        g.get('fused') for g in opt.param_groups)
+
+
+NONFINITE_CHECKS = ('sync', 'deferred')
+
+
+def _forget_images_seen_host(module, incompatible_keys):
+    """After a state_dict load the host copy of ``images_seen`` is re-read once."""
+    module._images_seen_host = None
 
 
 class NonFiniteError(FloatingPointError):
@@ -165,19 +199,30 @@ class BaseDistiller(BaseModel):
     (``data_shape``, ``label_dim``), as ``SIDDM`` does.
     ``ema_half_life_images``: the EMA of the generator has β = 0.5^(batch/half-life) per step;
     with ``ema_rampup`` r the half-life is capped at r·(images seen), as in EDM's training.
+    ``ema_sigma_rel``: instead, EDM2's power-function EMA of relative width σ_rel (e.g. 0.05;
+    ``gdistill.distillers.phema``); give one of the two.
     ``sampler``: the default SAMPLERS config for ``sample``.
     ``student_dropout``: if given, the dropout rate of the students copied from the teacher
     (every sub-module with a float ``dropout`` attribute, e.g. EDM's UNet blocks); the frozen
     teacher runs in eval mode, so its own rate never matters. Needed because an EDM pickle
     (``teacher.path``) brings its training dropout (0.13 on CIFAR-10), not the distillation one.
     ``nonfinite_patience``: an update with a non-finite loss or gradient is skipped (weights and
-    optimiser state untouched); this many skips in a row of one network stop the run."""
+    optimiser state untouched); this many skips in a row of one network stop the run.
+    ``nonfinite_check``: ``'sync'`` reads the guard's flags (every loss term, every gradient) in
+    one host read per update and decides there; ``'deferred'`` keeps the decision on the device
+    (the optimiser must take torch's ``found_inf`` flag: ``fused=True`` Adam/AdamW/SGD), so a step
+    reads nothing back: the flags are copied to the host asynchronously and recorded one step
+    later on CUDA (at once on a CPU), the error naming the iteration it happened in. An update
+    after the ``patience``-th skip in a row is skipped on the device too, so the weights at the
+    error are those before the streak, as with ``'sync'``."""
 
     #: names of the trained sub-networks, each with an optimiser wrapper of the same name
     trained = ('generator',)
 
     def __init__(self, teacher, schedule=dict(type='EDMSchedule'), sampler=None,
                  ema_half_life_images=None, ema_rampup=None, student_dropout=None, nonfinite_patience=10,
+                 nonfinite_check='sync',
+                 ema_sigma_rel=None,
                  data_preprocessor=dict(type='DistillDataPreprocessor'), init_cfg=None):
         # built here so that gdistill's scope applies without a runner's default scope
         super().__init__(data_preprocessor=build(MODELS, data_preprocessor), init_cfg=init_cfg)
@@ -190,11 +235,23 @@ class BaseDistiller(BaseModel):
         self.sampler = build(SAMPLERS, sampler)
         self.ema_half_life_images = ema_half_life_images
         self.ema_rampup = ema_rampup
+        if ema_sigma_rel is not None:
+            if ema_half_life_images is not None:
+                raise ValueError('give one EMA: ema_half_life_images (traditional) or ema_sigma_rel '
+                                 f'(power function), not both; got {ema_half_life_images} and {ema_sigma_rel}')
+            _check_sigma_rel(ema_sigma_rel, f'{type(self).__name__}: ema_sigma_rel')
+        self.ema_sigma_rel = ema_sigma_rel
         if student_dropout is not None and not 0 <= student_dropout < 1:
             raise ValueError(f'student_dropout must be in [0, 1), got {student_dropout}')
         self.student_dropout = student_dropout
         self.register_buffer('images_seen', torch.zeros((), dtype=torch.float64))
         self.nonfinite_guard = NonFiniteGuard(nonfinite_patience)
+        if nonfinite_check not in NONFINITE_CHECKS:
+            raise ValueError(f'nonfinite_check is one of {NONFINITE_CHECKS}, got {nonfinite_check!r}')
+        self.nonfinite_check = nonfinite_check
+        self._nonfinite_pending, self._nonfinite_streak = [], {}
+        self._images_seen_host = None   # float(images_seen) kept on the host (no read per step)
+        self.register_load_state_dict_post_hook(_forget_images_seen_host)
         self.train_steps = 0  # completed train_steps (restored on resume with the checkpoint)
         self.micro_batch = (0, 1)  # (i, k): the update being computed is micro-batch i of k
 
@@ -218,17 +275,20 @@ class BaseDistiller(BaseModel):
         return net
 
     def make_ema(self):
-        if self.ema_half_life_images is None:
+        if self.ema_half_life_images is None and self.ema_sigma_rel is None:
             self.generator_ema = None
             return
         self.generator_ema = copy.deepcopy(unwrap(self.generator)).requires_grad_(False).eval()
 
     @torch.no_grad()
     def update_ema(self, batch_size):
+        if self._images_seen_host is None:    # after construction or a load: one read
+            self._images_seen_host = float(self.images_seen)
         self.images_seen += batch_size
+        self._images_seen_host += batch_size    # the same float64 sum, on the host
         if self.generator_ema is not None:
             ema_step(self.generator_ema, unwrap(self.generator), batch_size, self.ema_half_life_images,
-                     float(self.images_seen), self.ema_rampup)
+                     self._images_seen_host, self.ema_rampup, self.ema_sigma_rel)
 
     def train(self, mode=True):
         super().train(mode)
@@ -237,12 +297,13 @@ class BaseDistiller(BaseModel):
         return self
 
     # --- calling networks in the schedule's variables ------------------------------------
-    def denoise(self, net, x, t, labels=None, cond_t=None):
-        """E[x₀ | x_t] from an EDM-form network D(x; σ) (x_t / a(t) at σ_e(t))."""
+    def denoise(self, net, x, t, labels=None, cond_t=None, **model_kwargs):
+        """E[x₀ | x_t] from an EDM-form network D(x; σ) (x_t / a(t) at σ_e(t)); ``model_kwargs``
+        (e.g. EDM's ``augment_labels``) go to the network."""
         s = self.schedule
         xe = x / append_dims(s.alpha(t), x.ndim).to(x.dtype)
         kw = {} if cond_t is None else dict(cond_sigma=s.edm_sigma(cond_t).to(x.dtype))
-        return net(xe, s.edm_sigma(t).to(x.dtype), labels, **kw)
+        return net(xe, s.edm_sigma(t).to(x.dtype), labels, **kw, **model_kwargs)
 
     # --- data --------------------------------------------------------------------------------
     @property
@@ -283,6 +344,9 @@ class BaseDistiller(BaseModel):
             log_vars.update(self.update_network(phase, optim_wrapper[phase], n, labels, data))
         self.update_ema(n * world_size())
         self.train_steps += 1
+        # deferred guard: record what the host already has (on CUDA the flags of earlier steps,
+        # whose copies are done by now; on a CPU all of them)
+        self.resolve_nonfinite(wait_all=self.device_.type == 'cpu')
         # the running count of skipped updates, logged beside the losses
         MessageHub.get_current_instance().update_scalar('train/nonfinite_skips', self.nonfinite_guard.skipped)
         return log_vars
@@ -298,7 +362,7 @@ class BaseDistiller(BaseModel):
         # the wrapper's counters cover one update: no gradient sync before the last micro-batch,
         # and should_update() after it (mmengine counts iterations; here an update is one iteration)
         wrapper._inner_count, wrapper._max_counts, wrapper._remainder_counts = 0, k, 0
-        logs, bad_terms, terms = {}, [], []
+        logs, terms, term_names, term_ok = {}, [], [], []
         fsdp_sync = getattr(unwrap(module), 'set_requires_gradient_sync', None)  # FSDP2's no_sync
         for i in range(k):
             part_labels, part = micro_batch(labels, data, n, i, k)
@@ -309,18 +373,89 @@ class BaseDistiller(BaseModel):
                 losses = getattr(self, f'{phase}_losses')(n // k, part_labels, part)
             loss, part_logs = self.parse_losses(losses)
             terms = [name for name in part_logs if name != 'loss']
-            bad_terms += [name for name in terms if not bool(torch.isfinite(part_logs[name]).all())]
+            term_names += terms     # finiteness stays on the device until the one read below
+            term_ok += [torch.isfinite(part_logs[name]).all() for name in terms]
             wrapper.backward(loss / k)  # backward even when non-finite: DDP's collectives must match
             for name, value in part_logs.items():
                 logs[name] = logs.get(name, 0) + value.detach() / k
         self.micro_batch = (0, 1)
-        problem = nonfinite_problem(sorted(set(bad_terms)), terms, wrapper, module, phase)
-        if problem is None:
-            wrapper.step()
-        wrapper.zero_grad()
-        self.nonfinite_guard.record(phase, problem, self.current_iteration())
+        device = loss.device
+        ok, params = nonfinite_status(torch.stack(term_ok) if term_ok else torch.ones(0, dtype=torch.bool, device=device),
+                                      wrapper)
+        flag = global_ok_flag(ok) if distributed() else None
+        if self.nonfinite_check == 'deferred':
+            self._deferred_update(phase, wrapper, ok, flag, (term_names, params, terms, module))
+        else:
+            # the one host read of this update: every flag at once
+            host = torch.cat([ok.to(torch.float32), flag]) if flag is not None else ok
+            host = [bool(v) for v in host.tolist()]
+            problem = nonfinite_problem(host, term_names, params, terms, module, phase)
+            if problem is None and flag is not None and not host[-1]:
+                problem = 'a non-finite loss or gradient on another process'
+            if problem is None:
+                wrapper.step()
+            wrapper.zero_grad()
+            self.nonfinite_guard.record(phase, problem, self.current_iteration())
         logs.pop('loss', None)
         return logs
+
+    def _deferred_update(self, phase, wrapper, ok, flag, names):
+        """``nonfinite_check='deferred'``: step or skip on the device, copy the flags to the host
+        without waiting (read by ``resolve_nonfinite``)."""
+        if not supports_found_inf(wrapper):
+            raise ValueError(f"nonfinite_check='deferred' decides on the device, through the optimiser's "
+                             f'found_inf flag, which only fused optimisers take; the {phase} optimiser is '
+                             f'{type(wrapper.optimizer).__name__} without fused=True (give it fused=True, '
+                             "or use nonfinite_check='sync')")
+        good = ok.all() if flag is None else ok.all() & (flag[0] > 0)
+        streak = self._nonfinite_streak.get(phase)
+        if streak is None:      # start from the host's count (a resumed run)
+            streak = torch.tensor(self.nonfinite_guard.in_a_row.get(phase, (0,))[0], device=ok.device)
+        step_ok = good & (streak < self.nonfinite_guard.patience)   # no step once the run must stop
+        self._nonfinite_streak[phase] = torch.where(good, torch.zeros_like(streak), streak + 1)
+        if hasattr(wrapper, 'loss_scaler'):
+            # mmengine's AmpOptimWrapper: its GradScaler sets found_inf from the gradients itself,
+            # so a skip is handed to it as non-finite gradients (x 1 leaves them exact otherwise)
+            grads = [p.grad for g in wrapper.optimizer.param_groups for p in g['params'] if p.grad is not None]
+            torch._foreach_mul_(grads, torch.where(step_ok, 1.0, float('nan')).to(ok.device))
+            wrapper.step()
+        else:
+            wrapper.optimizer.found_inf = (~step_ok).to(torch.float32)
+            try:
+                wrapper.step()
+            finally:
+                del wrapper.optimizer.found_inf
+        wrapper.zero_grad()
+        vec = torch.cat([ok, good.reshape(1)])
+        if vec.device.type == 'cuda':
+            host = torch.empty(vec.shape, dtype=vec.dtype, pin_memory=True)
+            host.copy_(vec, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+        else:
+            host, event = vec, None
+        self._nonfinite_pending.append(dict(phase=phase, iteration=self.current_iteration(), step=self.train_steps,
+                                            host=host, event=event, names=names))
+
+    def resolve_nonfinite(self, wait_all=True):
+        """Record the deferred updates' flags in the guard, oldest first (it raises there when a
+        network has been skipped ``patience`` times in a row). ``wait_all=False`` leaves the
+        updates of the step just run (their copies may still be in flight)."""
+        pending, self._nonfinite_pending = self._nonfinite_pending, []
+        for i, item in enumerate(pending):
+            if not wait_all and item['step'] == self.train_steps - 1:
+                self._nonfinite_pending = pending[i:]
+                return
+            if item['event'] is not None:
+                item['event'].synchronize()
+            host = [bool(v) for v in item['host'].numpy()]   # a host tensor: nothing is read back here
+            term_names, params, terms, module = item['names']
+            problem = nonfinite_problem(host[:-1], term_names, params, terms, module, item['phase'])
+            if problem is None and not host[-1]:
+                problem = 'a non-finite loss or gradient on another process'
+            self._nonfinite_pending = pending[i + 1:]
+            self.nonfinite_guard.record(item['phase'], problem, item['iteration'])
+        self._nonfinite_pending = []
 
     def current_iteration(self):
         """The 1-based iteration being run, as mmengine's log counts it."""
@@ -346,6 +481,7 @@ class BaseDistiller(BaseModel):
     # --- state a resumed run needs besides the weights ------------------------------------
     def train_state_dict(self):
         """Counters of the loop (saved in every checkpoint by ``ResumeStateHook``)."""
+        self.resolve_nonfinite()
         return dict(train_steps=self.train_steps, phases=list(self.phases()),
                     nonfinite=self.nonfinite_guard.state_dict())
 

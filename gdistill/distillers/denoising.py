@@ -9,6 +9,7 @@ from mmengine.model import BaseModel
 from ..registry import MODELS, SAMPLERS, build
 from ..utils import append_dims
 from .base import ema_step, unwrap, world_size
+from .phema import _check_sigma_rel
 
 
 @MODELS.register_module()
@@ -24,7 +25,8 @@ class DenoisingTrainer(BaseModel):
 
     The optimiser wrapper is named ``'network'`` (``trained``), for ``MultiOptimWrapperConstructor``.
     ``ema_half_life_images``: EMA of the network, β = 0.5^(batch/half-life) per step (with
-    ``ema_rampup`` r the half-life is capped at r·images seen, as in EDM).
+    ``ema_rampup`` r the half-life is capped at r·images seen, as in EDM); or
+    ``ema_sigma_rel``: EDM2's power-function EMA of that relative width (``distillers.phema``).
     ``sampler``: the SAMPLERS config ``sample`` runs on the (EMA) network.
 
     For ``SampleVisualizationHook`` the trainer offers the distillers' interface: ``data_shape``,
@@ -36,8 +38,15 @@ class DenoisingTrainer(BaseModel):
 
     def __init__(self, network, sigma_data=0.5, P_mean=-1.2, P_std=1.2, ema_half_life_images=None,
                  ema_rampup=None, sampler=dict(type='EDMHeunSampler', num_steps=18),
-                 data_preprocessor=dict(type='DistillDataPreprocessor'), init_cfg=None):
+                 data_preprocessor=dict(type='DistillDataPreprocessor'), init_cfg=None,
+                 ema_sigma_rel=None):
         super().__init__(data_preprocessor=build(MODELS, data_preprocessor), init_cfg=init_cfg)
+        if ema_sigma_rel is not None:
+            if ema_half_life_images is not None:
+                raise ValueError('DenoisingTrainer: give one EMA, ema_half_life_images or '
+                                 f'ema_sigma_rel; got {ema_half_life_images} and {ema_sigma_rel}')
+            _check_sigma_rel(ema_sigma_rel, 'DenoisingTrainer: ema_sigma_rel')
+        self.ema_sigma_rel = ema_sigma_rel
         if sigma_data <= 0 or P_std <= 0:
             raise ValueError(f'DenoisingTrainer: need sigma_data > 0 and P_std > 0, got {sigma_data}, {P_std}')
         self.network = build(MODELS, network)
@@ -49,7 +58,7 @@ class DenoisingTrainer(BaseModel):
         self.sampler = build(SAMPLERS, sampler)
         self.ema_half_life_images, self.ema_rampup = ema_half_life_images, ema_rampup
         self.network_ema = (copy.deepcopy(self.network).requires_grad_(False).eval()
-                            if ema_half_life_images is not None else None)
+                            if ema_half_life_images is not None or ema_sigma_rel is not None else None)
         self.register_buffer('images_seen', torch.zeros((), dtype=torch.float64))
 
     # --- the distillers' interface, for hooks -----------------------------------------------
@@ -124,7 +133,7 @@ class DenoisingTrainer(BaseModel):
         self.images_seen += batch_size
         if self.network_ema is not None:
             ema_step(self.network_ema, unwrap(self.network), batch_size, self.ema_half_life_images,
-                     float(self.images_seen), self.ema_rampup)
+                     float(self.images_seen), self.ema_rampup, self.ema_sigma_rel)
 
     def train(self, mode=True):
         super().train(mode)

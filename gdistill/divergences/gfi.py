@@ -30,6 +30,7 @@ import torch
 
 from ..registry import CONVEX_FUNCTIONS, DIVERGENCES, build
 from ..utils import per_sample_mean, per_sample_sum
+from .convex import QuadraticH
 
 
 def sid_weight(x0_hat, teacher_x0, sigma, sigma_data, eps=1e-5):
@@ -87,6 +88,16 @@ class GFIDivergence:
     def beta(self):
         """β = 1/(2α(1+λ)) of eq. 16, the share of ∇log q in the ψ-optimum (quadratic h)."""
         return 1.0 / (2 * self.coef)
+
+    @property
+    def aux_needs_teacher(self):
+        """Whether ``aux_loss`` depends on the teacher's f_φ. Not for the quadratic h at
+        α(1+λ) = ½ with a ψ-weight that ignores f_φ ('edm', 'none'): there, with d = f_φ − x̂₀ and
+        u = f_φ − f_ψ, the loss w₂·(½‖u‖² − ⟨d, u⟩ + ½‖d‖²) = ½·w₂·‖x̂₀ − f_ψ‖² is plain denoising
+        score matching (SiD's fake-score loss), so the ψ-stage can skip the teacher's forward
+        pass and call ``aux_loss`` with f_φ = x̂₀ (d = 0)."""
+        return not (type(self.h) is QuadraticH and abs(self.coef - 0.5) < 1e-12
+                    and self._names[1] in ('edm', 'none'))
 
     def dual(self, u):
         """y = ∇h(2α·u) and h*(y), per sample."""

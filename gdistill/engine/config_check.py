@@ -5,13 +5,15 @@ of that class's constructor — following ``**kwargs`` up the class hierarchy wh
 passes them on as ``super().__init__(..., **kwargs)``; a class that keeps ``**kwargs`` for
 itself is not checked — so a misspelled key (``model.divergance``,
 ``train_cfg.max_iter``) fails at once with the closest right one, instead of being ignored or
-failing deep inside a build. Top-level keys that are one typo away from a key the runner reads
+failing deep inside a build; then ``check_values`` refuses values that cannot run
+(``max_iters=0``, a batch size of 0, ``lr='abc'``), naming key and value. Top-level keys that are one typo away from a key the runner reads
 (``custom_hook``) fail the same way; other top-level names are the config's own variables.
 
 ``check_model_data``: an empty training set, and a teacher whose resolution, channels or label
 count disagree with the dataset's, fail before the first iteration."""
 import difflib
 import inspect
+import math
 import re
 
 from mmengine.hooks import CheckpointHook as MMCheckpointHook
@@ -36,7 +38,7 @@ class ConfigKeyError(KeyError):
 RUNNER_KEYS = ({p for p in inspect.signature(Runner.__init__).parameters if p != 'self'}
                | {'model_wrapper_cfg', 'find_unused_parameters', 'sync_bn', 'activation_checkpointing',
                   'efficient_conv_bn_eval', 'compile', 'gpu_ids', 'custom_imports', 'vis_backends',
-                  'torch_threads', 'mixed_precision', 'fsdp'})
+                  'torch_threads', 'mixed_precision', 'fsdp', 'dist_timeout', 'print_env'})
 LOOP_KEYS = {'by_epoch', 'max_iters', 'max_epochs', 'val_begin', 'val_interval', 'dynamic_intervals'}
 ENV_KEYS = {'cudnn_benchmark', 'mp_cfg', 'dist_cfg', 'resource_limit'}
 RANDOMNESS_KEYS = {'seed', 'diff_rank_seed', 'deterministic'}
@@ -187,6 +189,7 @@ def check_config(cfg):
             _check_keys(cfg[name], name, known, name, problems)
     if problems:
         raise ConfigKeyError('unknown config keys:\n  ' + '\n  '.join(problems))
+    check_values(cfg)
 
 
 def _check_optim_wrapper(ow, problems):
@@ -202,6 +205,94 @@ def _check_optim_wrapper(ow, problems):
     else:
         check_component(ow, 'optim_wrapper', problems, default_type='OptimWrapper',
                         extra=('constructor', 'paramwise_cfg'))
+
+
+class ConfigValueError(ValueError):
+    """Config values out of range or of the wrong kind, each named by its key."""
+
+
+def _is_int(v):
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v):
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _rule(problems, key, value, ok, want):
+    if not ok(value):
+        problems.append(f'{key} = {value!r}: {want}')
+
+
+def _optimizer_entries(ow):
+    if not isinstance(ow, dict):
+        return []
+    if ow.get('constructor') == 'MultiOptimWrapperConstructor':
+        return [(f'optim_wrapper.{k}', v) for k, v in ow.items()
+                if k not in ('constructor', 'paramwise_cfg') and isinstance(v, dict)]
+    return [('optim_wrapper', ow)]
+
+
+def check_values(cfg):
+    """Raise :class:`ConfigValueError` for values that cannot run: ``train_cfg.max_iters`` /
+    ``max_epochs`` < 1, a batch size < 1, a learning rate that is not a positive finite number,
+    a negative weight decay, betas outside [0, 1), ``accumulative_counts`` < 1, checkpoint and
+    log intervals < 1, ``dist_timeout`` <= 0, ``torch_threads`` < 1 — each named with its key
+    and value."""
+    problems = []
+    positive_int = (_is_int, 'must be an integer >= 1')
+
+    def check(key, value, ok, want):
+        if value is not None:
+            _rule(problems, key, value, ok, want)
+
+    loop = cfg.get('train_cfg')
+    if isinstance(loop, dict):
+        for key in ('max_iters', 'max_epochs', 'val_interval'):
+            check(f'train_cfg.{key}', loop.get(key), lambda v: _is_int(v) and v >= 1,
+                  'must be an integer >= 1' + (' (the number of training iterations)' if key == 'max_iters' else ''))
+    for name in ('train_dataloader', 'val_dataloader', 'test_dataloader'):
+        loader = cfg.get(name)
+        if isinstance(loader, dict):
+            check(f'{name}.batch_size', loader.get('batch_size'), lambda v: _is_int(v) and v >= 1,
+                  positive_int[1])
+            check(f'{name}.num_workers', loader.get('num_workers'), lambda v: _is_int(v) and v >= 0,
+                  'must be an integer >= 0')
+    for where, entry in _optimizer_entries(cfg.get('optim_wrapper')):
+        check(f'{where}.accumulative_counts', entry.get('accumulative_counts'), lambda v: _is_int(v) and v >= 1,
+              positive_int[1])
+        opt = entry.get('optimizer')
+        if isinstance(opt, dict):
+            check(f'{where}.optimizer.lr', opt.get('lr'), lambda v: _is_number(v) and v > 0,
+                  'the learning rate must be a positive finite number')
+            check(f'{where}.optimizer.weight_decay', opt.get('weight_decay'), lambda v: _is_number(v) and v >= 0,
+                  'must be a number >= 0')
+            check(f'{where}.optimizer.eps', opt.get('eps'), lambda v: _is_number(v) and v > 0,
+                  'must be a positive number')
+            check(f'{where}.optimizer.betas', opt.get('betas'),
+                  lambda v: isinstance(v, (list, tuple)) and len(v) == 2 and all(_is_number(b) and 0 <= b < 1 for b in v),
+                  'must be two numbers in [0, 1)')
+        clip = entry.get('clip_grad')
+        if isinstance(clip, dict):
+            check(f'{where}.clip_grad.max_norm', clip.get('max_norm'), lambda v: _is_number(v) and v > 0,
+                  'must be a positive number')
+    hooks = cfg.get('default_hooks')
+    if isinstance(hooks, dict):
+        ckpt = hooks.get('checkpoint')
+        if isinstance(ckpt, dict):
+            check('default_hooks.checkpoint.interval', ckpt.get('interval'),
+                  lambda v: _is_int(v) and (v >= 1 or v == -1), 'must be an integer >= 1 (or -1: never)')
+            check('default_hooks.checkpoint.max_keep_ckpts', ckpt.get('max_keep_ckpts'),
+                  lambda v: _is_int(v) and (v >= 1 or v == -1), 'must be an integer >= 1 (or -1: keep all)')
+        logger = hooks.get('logger')
+        if isinstance(logger, dict):
+            check('default_hooks.logger.interval', logger.get('interval'), lambda v: _is_int(v) and v >= 1,
+                  positive_int[1])
+    check('dist_timeout', cfg.get('dist_timeout'), lambda v: _is_number(v) and v > 0,
+          'must be a positive number of seconds')
+    check('torch_threads', cfg.get('torch_threads'), lambda v: _is_int(v) and v >= 1, positive_int[1])
+    if problems:
+        raise ConfigValueError('; '.join(problems))
 
 
 class DataMismatchError(ValueError):

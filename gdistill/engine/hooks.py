@@ -1,5 +1,6 @@
 """Hooks around the training loop: speed and ETA, what a checkpoint carries for an exact resume,
 crash-safe checkpoint rotation, replica checks, sample pictures."""
+import contextlib
 import os
 import os.path as osp
 import random
@@ -9,6 +10,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from mmengine.dist import is_main_process
+from mmengine.fileio import FileClient
 from mmengine.hooks import CheckpointHook as MMCheckpointHook
 from mmengine.hooks import Hook
 from mmengine.model import is_model_wrapper
@@ -187,12 +189,35 @@ class ResumeStateHook(Hook):
 HOOKS.register_module(name='RandomStateHook', module=ResumeStateHook)
 
 
+@contextlib.contextmanager
+def unused_file_client():
+    """mmengine's checkpoint code builds a ``FileClient`` even when no ``file_client_args`` are
+    given and it then writes through ``get_file_backend`` — only to log FileClient's deprecation
+    warning. Inside this context ``FileClient.infer_client`` returns None for
+    ``file_client_args=None`` (the value it is never used for) and builds the client as before
+    otherwise."""
+    infer = FileClient.__dict__['infer_client']
+
+    def quiet(cls, file_client_args=None, uri=None):
+        return None if file_client_args is None else infer.__func__(cls, file_client_args, uri)
+    FileClient.infer_client = classmethod(quiet)
+    try:
+        yield
+    finally:
+        FileClient.infer_client = infer
+
+
 @HOOKS.register_module(name='CheckpointHook')
 class SafeCheckpointHook(MMCheckpointHook):
     """mmengine's ``CheckpointHook`` (which it replaces in gdistill's scope), with the outdated
     checkpoint beyond ``max_keep_ckpts`` removed only *after* the new one is on disk — mmengine
     removes it first, so with ``max_keep_ckpts=1`` a crash while saving left no checkpoint. The
-    ``last_checkpoint`` pointer is left to ``GdRunner.save_checkpoint`` (atomic, relative)."""
+    ``last_checkpoint`` pointer is left to ``GdRunner.save_checkpoint`` (atomic, relative).
+    Without ``file_client_args`` no unused ``FileClient`` is built (``unused_file_client``)."""
+
+    def before_train(self, runner):
+        with unused_file_client():
+            super().before_train(runner)
 
     def _save_checkpoint_with_step(self, runner, step, meta):
         outdated = None
@@ -204,9 +229,12 @@ class SafeCheckpointHook(MMCheckpointHook):
         filename = self.filename_tmpl.format(step)
         self.last_ckpt = self.file_backend.join_path(self.out_dir, filename)
         runner.message_hub.update_info('last_ckpt', self.last_ckpt)
-        runner.save_checkpoint(self.out_dir, filename, self.file_client_args, save_optimizer=self.save_optimizer,
-                               save_param_scheduler=self.save_param_scheduler, meta=meta,
-                               by_epoch=self.by_epoch, backend_args=self.backend_args, **self.args)
+        # no parameter schedulers (the default run): nothing to save, and no warning about it
+        schedulers = bool(getattr(runner, 'param_schedulers', None))
+        with unused_file_client():
+            runner.save_checkpoint(self.out_dir, filename, self.file_client_args, save_optimizer=self.save_optimizer,
+                                   save_param_scheduler=self.save_param_scheduler and schedulers, meta=meta,
+                                   by_epoch=self.by_epoch, backend_args=self.backend_args, **self.args)
         if outdated is not None and is_main_process():
             path = self.file_backend.join_path(self.out_dir, self.filename_tmpl.format(outdated))
             if self.file_backend.isfile(path):
@@ -257,12 +285,21 @@ class ReplicaConsistencyHook(Hook):
 class SampleVisualizationHook(Hook):
     """Every ``interval`` iterations (and at the end) draws samples from fixed noise and fixed
     labels with the distiller's sampler, saves a picture under ``work_dir/samples/`` and sends
-    it to the visualizer (tensorboard). 2-D data: a scatter plot; images: a grid."""
+    it to the visualizer (tensorboard). 2-D data: a scatter plot; images: a grid. ``decoder``
+    (a MODELS config such as ``StabilityVAE``): the samples of a latent model are decoded to
+    pixels first (``DecodedSampler``)."""
 
     priority = 'LOW'
 
-    def __init__(self, interval=1000, num_samples=2048, seed=0):
+    def __init__(self, interval=1000, num_samples=2048, seed=0, decoder=None):
         self.interval, self.num_samples, self.seed = interval, num_samples, seed
+        self.decoder, self._decoded = decoder, None
+
+    def before_train(self, runner):
+        if self.decoder is not None:  # a missing VAE or a wrong whitening fails now, not at the first picture
+            from ..samplers.decoded import DecodedSampler, check_whitening
+            check_whitening(self.decoder, runner.model)
+            DecodedSampler(None, self.decoder).decoder
 
     def _draw(self, runner, step):
         model = getattr(runner.model, 'module', runner.model)
@@ -272,7 +309,13 @@ class SampleVisualizationHook(Hook):
         if model.teacher.label_dim:
             idx = torch.arange(self.num_samples, device=model.device_) % model.teacher.label_dim
             labels = torch.nn.functional.one_hot(idx, model.teacher.label_dim).float()
-        x = model.sample(noise, labels, generator=g)
+        sampler = None
+        if self.decoder is not None:
+            from ..samplers.decoded import DecodedSampler
+            if self._decoded is None or self._decoded.sampler is not model.sampler:
+                self._decoded = DecodedSampler(model.sampler, self.decoder)
+            sampler = self._decoded
+        x = model.sample(noise, labels, sampler=sampler, generator=g)
         if not is_main_process():
             return
         os.makedirs(osp.join(runner.work_dir, 'samples'), exist_ok=True)

@@ -1,7 +1,9 @@
-"""Building mmengine's Runner for gdistill: CPU-distributed set-up, config checks, mixed
-precision, trusted and exact resume of the run's own checkpoints on torch ≥ 2.6, atomic
-checkpoint files, FSDP checkpoints and clear errors."""
+"""Building mmengine's Runner for gdistill: CPU-distributed set-up with a process-group
+timeout, config checks, mixed precision, exact resume, checkpoints that load with
+``torch.load(weights_only=True)`` and carry a digest, atomic checkpoint files, FSDP
+checkpoints and clear errors."""
 import contextlib
+import datetime
 import glob
 import logging
 import os
@@ -16,13 +18,17 @@ from mmengine.model import is_model_wrapper
 from mmengine.optim import OptimWrapperDict
 from mmengine.runner import Runner
 from mmengine.runner import checkpoint as mm_checkpoint
+from mmengine.runner import runner as mm_runner
 
 from ..distillers.base import BaseDistiller
 from ..registry import MODELS, UnknownTypeError
 from . import hooks  # noqa: F401  (registers the hooks before the runner builds them)
+from .checkpoint import (CheckpointError, UnreadableCheckpointError, UnsafeCheckpointError, read_checkpoint,
+                         read_state_dict, write_checkpoint)
 from .config_check import ConfigKeyError, check_component, check_config, check_model_data
 from .fsdp import is_fsdp, serving
 from .hooks import random_state
+from .peers import Heartbeat, is_peer_failure, peer_failure
 
 ALIASES = {'teacher.': 'model.teacher.'}
 
@@ -41,13 +47,35 @@ def expand_aliases(options):
 DDP_WRAPPERS = ('MMSeparateDistributedDataParallel', 'MMDistributedDataParallel')
 
 
+CPU_DIST_TIMEOUT = 300  # seconds: gloo's collectives wait this long for a peer before the run stops
+
+
+def dist_timeout(cfg, cuda=None):
+    """The process group's timeout in seconds (``dist_timeout`` in the config): its value if
+    given; else ``CPU_DIST_TIMEOUT`` for a CPU (gloo) run and None — torch's NCCL default — on
+    GPUs. A hung peer then ends the run after that long instead of blocking it for 30 minutes."""
+    value = cfg.get('dist_timeout')
+    if value is not None:
+        return float(value)
+    cuda = torch.cuda.is_available() if cuda is None else cuda
+    return None if cuda else float(CPU_DIST_TIMEOUT)
+
+
 def setup_cpu_distributed(cfg, launcher):
     """mmengine's ``launcher='pytorch'`` assumes NCCL and CUDA; on a CPU the process group is
-    gloo and DDP takes ``device_ids=None``. (A no-op on GPUs and for ``launcher='none'``.)"""
-    if launcher == 'none' or torch.cuda.is_available():
+    gloo (with ``dist_timeout``) and DDP takes ``device_ids=None``. On GPUs only a configured
+    ``dist_timeout`` is passed on to mmengine's set-up; ``launcher='none'`` is a no-op."""
+    if launcher == 'none':
+        return
+    if torch.cuda.is_available():
+        timeout = dist_timeout(cfg, cuda=True)
+        if timeout is not None:
+            env = dict(cfg.get('env_cfg') or {})
+            env['dist_cfg'] = dict(env.get('dist_cfg') or {}, timeout=timeout)
+            cfg['env_cfg'] = env
         return
     if not dist.is_initialized():
-        dist.init_process_group(backend='gloo')
+        dist.init_process_group(backend='gloo', timeout=datetime.timedelta(seconds=dist_timeout(cfg, cuda=False)))
     if cfg.get('fsdp'):
         apply_fsdp(cfg)
     wrapper = cfg.get('model_wrapper_cfg') or dict(type='MMSeparateDistributedDataParallel')
@@ -119,48 +147,19 @@ def prepare_config(cfg):
     return cfg
 
 
-class UnreadableCheckpointError(RuntimeError):
-    """A checkpoint file that cannot be read (truncated, corrupt)."""
-
-
-@contextlib.contextmanager
-def trusting(path):
-    """Load ``path`` — a checkpoint this run wrote itself — with ``weights_only=False``
-    (mmengine's checkpoints hold its log history objects). Every other file keeps torch's
-    safe default. A failure to read the file becomes an :class:`UnreadableCheckpointError`."""
-    original = torch.load
-    target = osp.realpath(path)
-
-    def load(f, *args, **kwargs):
-        if isinstance(f, (str, os.PathLike)) and osp.realpath(f) == target:
-            kwargs['weights_only'] = False
-            try:
-                return original(f, *args, **kwargs)
-            except Exception as err:
-                raise UnreadableCheckpointError(f'{path}: {type(err).__name__}: {err}') from err
-        return original(f, *args, **kwargs)
-
-    mm_checkpoint.torch.load = load
-    try:
-        yield
-    finally:
-        mm_checkpoint.torch.load = original
-
-
 def load_trained_model(model_cfg, checkpoint, config_name=None):
     """The model of ``model_cfg`` with the weights of ``checkpoint``, in eval mode, for sampling
-    and evaluation. The checkpoint is one this project's runner wrote (it holds mmengine's log
-    history, hence ``weights_only=False`` for it only). The teacher's weights may be absent (it is
-    rebuilt from its config); any other missing or unexpected key is an error naming both."""
-    if not osp.isfile(checkpoint):
-        raise FileNotFoundError(f'checkpoint {checkpoint!r} does not exist')
+    and evaluation. The file is read with ``torch.load(weights_only=True)`` and checked against
+    its digest (``read_checkpoint``): a file that would run code, or whose contents changed, is
+    refused with an error naming it. The teacher's weights may be absent (it is rebuilt from its
+    config); any other missing or unexpected key is an error naming both."""
+    state = read_state_dict(checkpoint)  # before building: a bad file fails fast
     model = MODELS.build(model_cfg)
-    state = torch.load(checkpoint, map_location='cpu', weights_only=False)
-    missing, unexpected = model.load_state_dict(state.get('state_dict', state), strict=False)
+    missing, unexpected = model.load_state_dict(state, strict=False)
     if unexpected or [k for k in missing if not k.startswith('teacher.')]:
         source = f' of {config_name}' if config_name else ''
-        raise RuntimeError(f'{checkpoint} does not fit {model_cfg["type"]}{source}: missing {missing[:5]}, '
-                           f'unexpected {unexpected[:5]}')
+        raise CheckpointError(f'{checkpoint} does not fit {model_cfg["type"]}{source}: missing {missing[:5]}, '
+                              f'unexpected {unexpected[:5]}')
     return model.eval()
 
 
@@ -169,23 +168,49 @@ def _iteration(path):
     return int(m.group(1)) if m else -1
 
 
+def _inside(path, directory):
+    """Whether ``path``, with every link resolved, is a file inside ``directory``."""
+    real, root = osp.realpath(path), osp.realpath(directory)
+    return osp.isfile(real) and osp.commonpath([real, root]) == root
+
+
 def checkpoint_candidates(work_dir):
     """Checkpoints of ``work_dir``, newest first: every ``iter_*.pth`` by iteration, and the one
-    ``last_checkpoint`` names (resolved relative to the work dir, so a moved dir still works;
-    first when its name tells no iteration)."""
+    ``last_checkpoint`` names (first when its name tells no iteration). Only files inside the
+    work dir count: the pointer is resolved relative to the work dir, an absolute or ``..`` path
+    that leads elsewhere is replaced by the file of its name in the work dir (the dir was
+    moved), and a link that leads out of the work dir is skipped, so that resume never reads a
+    file from outside it because a pointer said so."""
     named = None
     pointer = osp.join(work_dir, 'last_checkpoint')
     if osp.isfile(pointer):
         with open(pointer) as f:
             text = f.read().strip()
-        for path in (osp.join(work_dir, text), text, osp.join(work_dir, osp.basename(text))):
-            if text and osp.isfile(path):
-                named = path
-                break
-    found = glob.glob(osp.join(work_dir, 'iter_*.pth'))
+        if text:
+            for path in (osp.join(work_dir, text), osp.join(work_dir, osp.basename(text))):
+                if _inside(path, work_dir):
+                    named = osp.normpath(path)
+                    break
+    found = [p for p in glob.glob(osp.join(work_dir, 'iter_*.pth')) if _inside(p, work_dir)]
     if named is not None and all(osp.realpath(named) != osp.realpath(p) for p in found):
         found.append(named)
     return sorted(found, key=lambda p: (_iteration(p) if _iteration(p) >= 0 else float('inf')), reverse=True)
+
+
+@contextlib.contextmanager
+def writing_sealed():
+    """Within: mmengine's runner writes checkpoints with ``write_checkpoint`` (plain types, so
+    that ``torch.load(weights_only=True)`` reads them, a digest of the contents, fsync)."""
+    original = mm_runner.save_checkpoint
+
+    def write(checkpoint, filepath, file_client_args=None, backend_args=None):
+        write_checkpoint(checkpoint, filepath)
+
+    mm_runner.save_checkpoint = write
+    try:
+        yield
+    finally:
+        mm_runner.save_checkpoint = original
 
 
 def gather_random_states():
@@ -198,16 +223,35 @@ def gather_random_states():
     return every
 
 
+class FileOnly(logging.Filter):
+    """Keeps mmengine's environment, config and hook-order dumps (some 250 lines) off the
+    terminal; they still go to the log file. ``print_env = True`` (``tools/train.py
+    --print-env``) shows them."""
+
+    PREFIXES = ('\n' + '-' * 60 + '\nSystem environment', 'Config:\n', 'Hooks will be executed in the following order')
+
+    def filter(self, record):
+        msg = record.msg if isinstance(record.msg, str) else ''
+        return not msg.startswith(self.PREFIXES)
+
+
 class GdRunner(Runner):
     """mmengine's Runner with what long runs need (most are pitfalls of mmengine 0.10 on torch ≥ 2.6):
 
-    - resume loads this run's own checkpoints with ``weights_only=False`` and only those, and
-      strictly (a missing or misshapen weight is an error, not a warning); it falls back to the
-      previous checkpoint, with a warning, when the newest is unreadable (a truncated file),
-      and finds them after the work dir was moved;
-    - checkpoints are written to a temporary file and renamed, so a crash never leaves a
-      half-written one under a checkpoint's name; they carry every process's random states
-      (``ResumeStateHook``) and, under FSDP, the gathered whole weights and optimiser state;
+    - every checkpoint is read with ``torch.load(weights_only=True)`` and checked against its
+      digest (``gdistill.engine.checkpoint``): resume, ``--resume FILE`` and ``load_from``
+      alike; a file that would run code is refused;
+    - resume loads strictly (a missing or misshapen weight is an error, not a warning); it
+      falls back to the previous checkpoint, with a warning, when the newest is unreadable
+      (truncated) or corrupt (digest mismatch); it only reads files inside the work dir, and
+      finds them after the work dir was moved;
+    - checkpoints are written in plain types with a digest, to a temporary file that is
+      renamed, so a crash never leaves a half-written one under a checkpoint's name; they
+      carry every process's random states (``ResumeStateHook``) and, under FSDP, the gathered
+      whole weights and optimiser state;
+    - mmengine's environment and config dump goes to the log file only (``print_env``); in a
+      distributed run a collective that waits longer than ``dist_timeout`` on a hung peer
+      stops the run with the rank that stopped answering (``PeerFailureError``);
     - the train dataloader has its own random generator, so a resumed run's skip over the
       batches already seen draws nothing from the global one;
     - before training, the data is checked against the teacher (``check_model_data``)."""
@@ -238,10 +282,29 @@ class GdRunner(Runner):
             if not hasattr(value, 'to_local'):
                 dist.broadcast(value, 0)
 
+    def build_logger(self, *args, **kwargs):
+        logger = super().build_logger(*args, **kwargs)
+        if not self.cfg.get('print_env'):
+            for handler in logger.handlers:
+                if type(handler) is logging.StreamHandler and not any(isinstance(f, FileOnly) for f in handler.filters):
+                    handler.addFilter(FileOnly())
+        return logger
+
     def train(self):
         model = self.model.module if is_model_wrapper(self.model) else self.model
         check_model_data(model, self.train_dataloader.dataset)
-        return super().train()
+        if not (self.distributed and dist.is_initialized()):
+            return super().train()
+        timeout = dist_timeout(self.cfg)
+        heartbeat = Heartbeat(period=min(10.0, max(0.5, (timeout or 600) / 5))).start()
+        try:
+            return super().train()
+        except Exception as err:
+            if is_peer_failure(err):
+                raise peer_failure(err, heartbeat, timeout) from err
+            raise
+        finally:
+            heartbeat.stop()
 
     def load_or_resume(self):
         if self._has_loaded:
@@ -250,17 +313,22 @@ class GdRunner(Runner):
             if is_main_process():
                 for stale in glob.glob(osp.join(self.work_dir, '.*.pth.tmp')):
                     os.remove(stale)  # a save that a crash interrupted
-            paths = [self._load_from] if self._load_from else checkpoint_candidates(self.work_dir)
+            if self._load_from:  # --resume FILE: that file, and no other
+                self.resume(self._load_from)
+                self.logger.info(f'resumed from {self._load_from} at iteration {self.iter}')
+                self._has_loaded = True
+                return
+            paths = checkpoint_candidates(self.work_dir)
             if not paths:
                 self.logger.warning(f'--resume: no checkpoint in {self.work_dir}; starting afresh')
             for i, path in enumerate(paths):
                 try:
-                    with trusting(path):
-                        self.resume(path)
-                except UnreadableCheckpointError as err:  # try the one before
+                    self.resume(path)
+                except UnreadableCheckpointError as err:  # truncated, corrupted: try the one before
                     if i + 1 == len(paths):
-                        raise RuntimeError(f'cannot resume: no readable checkpoint in {self.work_dir} '
-                                           f'(last error: {err})') from err
+                        raise UnreadableCheckpointError(
+                            f'cannot resume: no readable checkpoint in {self.work_dir} (tried '
+                            f'{", ".join(osp.basename(p) for p in paths)}; last error: {err})') from err
                     self.logger.warning(f'checkpoint {path} is unreadable ({err}); resuming from '
                                         f'{paths[i + 1]} instead')
                     continue
@@ -272,13 +340,19 @@ class GdRunner(Runner):
             self._has_loaded = True
 
     def load_checkpoint(self, filename, map_location='cpu', strict=False, revise_keys=[(r'^module.', '')]):
+        """mmengine's, reading the file with ``read_checkpoint`` (``torch.load(weights_only=True)``,
+        digest checked) whatever the path: resume, ``--resume FILE`` and ``load_from`` alike."""
         self.loading_path = filename  # for ResumeStateHook's messages
         strict = strict or self._resume
-        if not is_fsdp(self.model):
-            return super().load_checkpoint(filename, map_location=map_location, strict=strict,
-                                           revise_keys=revise_keys)
-        checkpoint = mm_checkpoint._load_checkpoint(filename, map_location='cpu')
+        # read to the CPU (where the digest is computed); loading copies to the parameters' device
+        checkpoint = read_checkpoint(filename, map_location='cpu')
         self.call_hook('after_load_checkpoint', checkpoint=checkpoint)
+        if not is_fsdp(self.model):
+            model = self.model.module if is_model_wrapper(self.model) else self.model
+            checkpoint = mm_checkpoint._load_checkpoint_to_model(model, checkpoint, strict, revise_keys=revise_keys)
+            self._has_loaded = True
+            self.logger.info(f'Load checkpoint from {filename}')
+            return checkpoint
         self.model.load_full_state_dict(checkpoint['state_dict'], strict=strict)
         optim_state = checkpoint.pop('optimizer', None)  # so that mmengine's resume does not load it
         if optim_state is not None and self._resume:
@@ -293,12 +367,14 @@ class GdRunner(Runner):
         self.process_random_states = gather_random_states()
         tmp = f'.{filename}.tmp'
         try:
-            if is_fsdp(self.model):
-                state, optim_state = self.model.full_state_dict(), self.model.full_optim_state_dict(self.optim_wrapper)
-                with serving(self.model.module, self.optim_wrapper, state, optim_state):
+            with writing_sealed():
+                if is_fsdp(self.model):
+                    state = self.model.full_state_dict()
+                    optim_state = self.model.full_optim_state_dict(self.optim_wrapper)
+                    with serving(self.model.module, self.optim_wrapper, state, optim_state):
+                        super().save_checkpoint(out_dir, tmp, *args, **kwargs)
+                else:
                     super().save_checkpoint(out_dir, tmp, *args, **kwargs)
-            else:
-                super().save_checkpoint(out_dir, tmp, *args, **kwargs)
         finally:
             self.process_random_states = None
         if not is_main_process():  # only the main process writes files

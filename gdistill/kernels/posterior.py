@@ -57,10 +57,10 @@ class PosteriorKernel:
                              f'[{schedule.t_min}, {schedule.t_max}] ({schedule!r})')
         T = self.num_steps
         if self.spacing == 'uniform':
-            return torch.linspace(lo, hi, T + 1, dtype=torch.float64)
+            return torch.linspace(lo, hi, T + 1, dtype=torch.float64, device='cpu')
         smin = float(schedule.edm_sigma(_f64(lo)))
         smax = float(schedule.edm_sigma(_f64(hi)))
-        u = torch.linspace(1, 0, T + 1, dtype=torch.float64)   # increasing times: decreasing u
+        u = torch.linspace(1, 0, T + 1, dtype=torch.float64, device='cpu')   # increasing times: decreasing u
         if smin == 0:   # σ_e(t_0) = 0 (e.g. the cosine schedule at t = 0): ramp from σ_max to 0
             sig = (smax ** (1 / self.rho) * (1 - u)) ** self.rho
         else:

@@ -78,7 +78,9 @@ class MLPDiscriminator(_NoiseConditioned):
         self.dim = int(dim)
         self._setup(emb_dim, hidden, sigma_data, label_dim)
         g = torch.Generator().manual_seed(seed)
-        self.register_buffer('fourier', torch.randn(dim, int(fourier_features), generator=g) * fourier_scale)
+        # drawn on the CPU (the same features on every device), then on the default device
+        self.register_buffer('fourier', torch.randn(dim, int(fourier_features), generator=g, device='cpu')
+                             .to(torch.get_default_device()) * fourier_scale)
         self.inp = nn.Linear(dim + 2 * int(fourier_features), hidden)
         self.blocks = nn.ModuleList(nn.Linear(hidden, hidden) for _ in range(depth))
         self.act = nn.SiLU()

@@ -15,7 +15,8 @@ class FourierTimeEmbedding(nn.Module):
     def __init__(self, dim, scale=16.0, seed=0):
         super().__init__()
         g = torch.Generator().manual_seed(seed)
-        self.register_buffer('freqs', torch.randn(dim // 2, generator=g) * scale)
+        # drawn on the CPU (the same features on every device), then on the default device
+        self.register_buffer('freqs', torch.randn(dim // 2, generator=g, device='cpu').to(torch.get_default_device()) * scale)
 
     def forward(self, c_noise):
         arg = 2 * math.pi * c_noise[:, None] * self.freqs[None].to(c_noise.dtype)

@@ -81,7 +81,8 @@ class LogVarianceHead(nn.Module):
         if channels < 2 or channels % 2:
             raise ValueError(f'LogVarianceHead: channels must be an even number >= 2, got {channels}')
         g = torch.Generator().manual_seed(seed)
-        self.register_buffer('freqs', torch.randn(channels // 2, generator=g))
+        # drawn on the CPU (the same features on every device), then on the default device
+        self.register_buffer('freqs', torch.randn(channels // 2, generator=g, device='cpu').to(torch.get_default_device()))
         self.linear = nn.Linear(channels, 1)
         nn.init.zeros_(self.linear.weight)
         nn.init.zeros_(self.linear.bias)

@@ -55,13 +55,13 @@ class ConsistencySampler:
     def times(self):
         """The K TrigFlow times the consistency function is called at (float64)."""
         if self._times is not None:
-            return torch.tensor(self._times, dtype=torch.float64)
+            return torch.tensor(self._times, dtype=torch.float64, device='cpu')
         t0 = math.atan(self.sigma_max / self.sigma_data)
         if self.num_steps == 1:
-            return torch.tensor([t0], dtype=torch.float64)
+            return torch.tensor([t0], dtype=torch.float64, device='cpu')
         if self.num_steps == 2:
-            return torch.tensor([t0, TWO_STEP_MID_TIME], dtype=torch.float64)
-        u = torch.linspace(0, 1, self.num_steps + 1, dtype=torch.float64)[:-1]
+            return torch.tensor([t0, TWO_STEP_MID_TIME], dtype=torch.float64, device='cpu')
+        u = torch.linspace(0, 1, self.num_steps + 1, dtype=torch.float64, device='cpu')[:-1]
         a, b = self.sigma_max ** (1 / self.rho), self.sigma_min ** (1 / self.rho)
         sigma = (a + u * (b - a)) ** self.rho
         return torch.atan(sigma / self.sigma_data)

@@ -16,6 +16,15 @@ The sampler interface shared by the whole package::
 by σ_max; ``generator`` drives every extra random draw (stochastic churn), so a fixed
 generator gives identical samples. ``sampler.nfe`` is the number of denoiser calls per sample.
 
+**The network's own noise range.** Like EDM's ``generate.py`` ``edm_sampler``, the samplers
+adapt the grid to the network they integrate: σ_min and σ_max are first clamped to the
+network's range (``max(σ_min, net.sigma_min)``, ``min(σ_max, net.sigma_max)``: 0.02–100 for a
+VE network, u_{M−1}–u_0 for iDDPM), then every σ_i is snapped with ``net.round_sigma`` (iDDPM's
+discrete levels; the identity for the others). The network's ``sigma_min``, ``sigma_max`` and
+``round_sigma`` are read from the denoiser passed in: a teacher or network that has them, or
+the ``network`` inside a teacher (:func:`noise_level_range`); a plain function keeps the
+nominal grid. ``follow_network=False`` switches this off.
+
 The state is kept in float64 (as EDM's reference sampler does); the denoiser is called with
 ``x`` and ``sigma`` in ``noise``'s dtype (so a float32 network is fed float32) and its output
 is promoted back to float64. The samples come back in ``noise``'s dtype. The samplers do
@@ -27,7 +36,6 @@ import numbers
 import torch
 
 from ..registry import SAMPLERS
-from ..schedules.edm import EDMSchedule
 
 
 def _check_grid_args(owner, num_steps, sigma_min, sigma_max, rho):
@@ -45,27 +53,62 @@ def _check_grid_args(owner, num_steps, sigma_min, sigma_max, rho):
         raise ValueError(f'{owner}: rho must be > 0, got {rho}')
 
 
-def edm_sigma_steps(num_steps, sigma_min=0.002, sigma_max=80.0, rho=7.0, dtype=torch.float64):
-    """The N + 1 noise levels σ_0 > … > σ_{N−1} > σ_N = 0 of EDM's samplers: the ρ-ramp of
-    Karras et al. 2022 eq. 5 (σ_0 = σ_max, σ_{N−1} = σ_min) followed by σ_N = 0.
+def _ramp(num_steps, sigma_min, sigma_max, rho):
+    """EDM eq. 5 in float64, written as ``edm_sampler`` of NVlabs/edm generate.py evaluates it."""
+    if num_steps == 1:
+        return torch.tensor([float(sigma_max)], dtype=torch.float64, device='cpu')
+    i = torch.arange(num_steps, dtype=torch.float64, device='cpu')
+    lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+    return (hi + i / (num_steps - 1) * (lo - hi)) ** rho
 
-    With N = 1 the ramp is the single level σ_max (one step straight to σ = 0)."""
+
+def edm_sigma_steps(num_steps, sigma_min=0.002, sigma_max=80.0, rho=7.0, dtype=torch.float64,
+                    round_sigma=None):
+    """The N + 1 noise levels σ_0 > … > σ_{N−1} > σ_N = 0 of EDM's samplers: the ρ-ramp of
+    Karras et al. 2022 eq. 5 (σ_0 = σ_max, σ_{N−1} = σ_min) followed by σ_N = 0, on the CPU.
+
+    With N = 1 the ramp is the single level σ_max (one step straight to σ = 0).
+    ``round_sigma`` (e.g. a network's ``round_sigma``) snaps each level of the ramp, as
+    ``edm_sampler`` does with ``net.round_sigma``."""
     _check_grid_args('edm_sigma_steps', num_steps, sigma_min, sigma_max, rho)
-    ramp = EDMSchedule(sigma_min, sigma_max).edm_time_grid(int(num_steps), rho=rho,
-                                                           dtype=torch.float64)
+    ramp = _ramp(int(num_steps), float(sigma_min), float(sigma_max), float(rho))
+    if round_sigma is not None:
+        ramp = torch.as_tensor(round_sigma(ramp)).to(device='cpu', dtype=torch.float64)
     return torch.cat([ramp, ramp.new_zeros(1)]).to(dtype)
+
+
+def noise_level_range(denoiser):
+    """``(sigma_min, sigma_max, round_sigma)`` that ``denoiser`` declares, as EDM's networks do
+    (``EDMPrecond``: 0, ∞, identity; ``VEPrecond``: 0.02, 100, identity; ``iDDPMPrecond``: its
+    lowest and highest level, nearest level). Looked up on the denoiser itself, on the object of
+    a bound method, then on a wrapped ``module`` or a teacher's ``network``; ``None`` when none
+    of them declares any (e.g. a plain function: the grid stays as configured)."""
+    obj = getattr(denoiser, '__self__', denoiser)
+    for cand in (obj, getattr(obj, 'module', None), getattr(obj, 'network', None)):
+        if cand is None:
+            continue
+        has = [hasattr(cand, k) for k in ('sigma_min', 'sigma_max', 'round_sigma')]
+        if any(has):
+            lo = float(getattr(cand, 'sigma_min', 0.0) or 0.0)
+            hi = float(getattr(cand, 'sigma_max', math.inf))
+            return lo, hi, getattr(cand, 'round_sigma', None)
+    return None
 
 
 class _EDMGridSampler:
     """Shared parts of the samplers below: the σ-grid, argument checks, the call of the
     denoiser, repr. Subclasses define ``nfe`` and ``__call__``."""
 
-    def __init__(self, num_steps, sigma_min, sigma_max, rho):
+    def __init__(self, num_steps, sigma_min, sigma_max, rho, follow_network=True):
         _check_grid_args(type(self).__name__, num_steps, sigma_min, sigma_max, rho)
+        if not isinstance(follow_network, bool):
+            raise TypeError(f'{type(self).__name__}: follow_network must be True or False, got '
+                            f'{follow_network!r}')
         self._num_steps = int(num_steps)
         self._sigma_min = float(sigma_min)
         self._sigma_max = float(sigma_max)
         self._rho = float(rho)
+        self._follow_network = follow_network
         self._sigmas = edm_sigma_steps(self._num_steps, self._sigma_min, self._sigma_max,
                                        self._rho)
 
@@ -74,11 +117,37 @@ class _EDMGridSampler:
     sigma_max = property(lambda self: self._sigma_max)
     rho = property(lambda self: self._rho)
 
+    follow_network = property(lambda self: self._follow_network)
+
     @property
     def sigmas(self):
         """float64 tensor of the N + 1 noise levels, σ_0 = σ_max … σ_{N−1} = σ_min, σ_N = 0
-        (a copy: changing it does not change the sampler)."""
+        (a copy: changing it does not change the sampler), for a network with no range of its
+        own; ``sigmas_for(denoiser)`` gives the grid a given network is sampled on."""
         return self._sigmas.clone()
+
+    def _range_for(self, denoiser):
+        """(σ_min, σ_max, round_sigma) of the grid for ``denoiser``: the configured ends clamped
+        to the network's range, as ``edm_sampler`` of NVlabs/edm generate.py clamps them."""
+        spec = noise_level_range(denoiser) if self._follow_network else None
+        if spec is None:
+            return self._sigma_min, self._sigma_max, None
+        net_min, net_max, round_sigma = spec
+        lo, hi = max(self._sigma_min, net_min), min(self._sigma_max, net_max)
+        if not 0 < lo < hi:
+            raise ValueError(f'{type(self).__name__}: the grid [{self._sigma_min}, '
+                             f'{self._sigma_max}] clamped to the network\'s noise range '
+                             f'[{net_min}, {net_max}] is empty ([{lo}, {hi}]); choose sigma_min/'
+                             'sigma_max inside the network\'s range')
+        return lo, hi, round_sigma
+
+    def sigmas_for(self, denoiser):
+        """The float64 grid (N + 1 levels, last 0) this sampler uses on ``denoiser``: clamped
+        to the network's range and snapped with its ``round_sigma`` (see the module doc)."""
+        lo, hi, round_sigma = self._range_for(denoiser)
+        if round_sigma is None and (lo, hi) == (self._sigma_min, self._sigma_max):
+            return self._sigmas.clone()
+        return edm_sigma_steps(self._num_steps, lo, hi, self._rho, round_sigma=round_sigma)
 
     @staticmethod
     def _check_noise(owner, noise):
@@ -103,8 +172,11 @@ class _EDMGridSampler:
         return out.to(torch.float64)
 
     def _fields(self):
-        return dict(num_steps=self._num_steps, sigma_min=self._sigma_min,
-                    sigma_max=self._sigma_max, rho=self._rho)
+        f = dict(num_steps=self._num_steps, sigma_min=self._sigma_min,
+                 sigma_max=self._sigma_max, rho=self._rho)
+        if not self._follow_network:
+            f['follow_network'] = False
+        return f
 
     def __repr__(self):
         fields = ', '.join(f'{k}={v!r}' for k, v in self._fields().items())
@@ -129,11 +201,14 @@ class EDMHeunSampler(_EDMGridSampler):
         rho (float): ρ > 0 of eq. 5.
         S_churn, S_min, S_max, S_noise (float): Algorithm 2's stochasticity settings;
             ``S_churn = 0`` (default) gives the deterministic Algorithm 1.
+        follow_network (bool): clamp the grid to the network's σ range and snap it with its
+            ``round_sigma``, as EDM's ``edm_sampler`` does (default); False keeps the grid
+            as configured.
     """
 
     def __init__(self, num_steps=18, sigma_min=0.002, sigma_max=80.0, rho=7.0,
-                 S_churn=0.0, S_min=0.0, S_max=float('inf'), S_noise=1.0):
-        super().__init__(num_steps, sigma_min, sigma_max, rho)
+                 S_churn=0.0, S_min=0.0, S_max=float('inf'), S_noise=1.0, follow_network=True):
+        super().__init__(num_steps, sigma_min, sigma_max, rho, follow_network)
         name = type(self).__name__
         for k, v in (('S_churn', S_churn), ('S_min', S_min), ('S_max', S_max),
                      ('S_noise', S_noise)):
@@ -163,25 +238,32 @@ class EDMHeunSampler(_EDMGridSampler):
         """True when some step adds churn noise (so ``generator`` matters)."""
         return bool(self._gammas().gt(0).any())
 
-    def _gammas(self):
-        """γ_i of Algorithm 2 for the N steps (zero outside [S_min, S_max])."""
+    def _gammas(self, sigmas=None):
+        """γ_i of Algorithm 2 for the N steps of ``sigmas`` (default: the nominal grid), zero
+        where σ_i lies outside [S_min, S_max]."""
         g = min(self._S_churn / self._num_steps, math.sqrt(2.0) - 1.0)
-        s = self._sigmas[:-1]
+        s = (self._sigmas if sigmas is None else sigmas)[:-1]
         inside = (s >= self._S_min) & (s <= self._S_max)
         return torch.where(inside, torch.full_like(s, g), torch.zeros_like(s))
 
     def __call__(self, denoiser, noise, class_labels=None, generator=None):
         self._check_noise(type(self).__name__, noise)
         dtype = noise.dtype
-        sigmas = self._sigmas.tolist()
-        gammas = self._gammas().tolist()
+        round_sigma = self._range_for(denoiser)[2]
+        grid = self.sigmas_for(denoiser)
+        sigmas = grid.tolist()
+        gammas = self._gammas(grid).tolist()
         n = self._num_steps
         x_next = noise.to(torch.float64) * sigmas[0]
         for i in range(n):
             s_cur, s_next, gamma = sigmas[i], sigmas[i + 1], gammas[i]
             x_cur = x_next
-            # Churn: raise the noise level from σ_i to σ̂ = (1 + γ)σ_i with fresh noise.
+            # Churn: raise the noise level from σ_i to σ̂ = (1 + γ)σ_i with fresh noise (σ̂
+            # snapped to the network's levels, as edm_sampler does; with γ = 0 σ̂ = σ_i).
             s_hat = s_cur + gamma * s_cur
+            if gamma > 0 and round_sigma is not None:
+                s_hat = float(round_sigma(torch.tensor(s_hat, dtype=torch.float64,
+                                                       device='cpu')))
             if gamma > 0:
                 eps = torch.randn(x_cur.shape, generator=generator, dtype=torch.float64,
                                   device=x_cur.device)
@@ -215,10 +297,12 @@ class EulerSampler(_EDMGridSampler):
         num_steps (int): N ≥ 1.
         sigma_min, sigma_max (float): ends of the ramp, 0 < σ_min < σ_max.
         rho (float): ρ > 0 of eq. 5.
+        follow_network (bool): as for :class:`EDMHeunSampler`.
     """
 
-    def __init__(self, num_steps=18, sigma_min=0.002, sigma_max=80.0, rho=7.0):
-        super().__init__(num_steps, sigma_min, sigma_max, rho)
+    def __init__(self, num_steps=18, sigma_min=0.002, sigma_max=80.0, rho=7.0,
+                 follow_network=True):
+        super().__init__(num_steps, sigma_min, sigma_max, rho, follow_network)
 
     @property
     def nfe(self):
@@ -231,7 +315,7 @@ class EulerSampler(_EDMGridSampler):
         """``generator`` is accepted for the shared interface; Euler draws no noise."""
         self._check_noise(type(self).__name__, noise)
         dtype = noise.dtype
-        sigmas = self._sigmas.tolist()
+        sigmas = self.sigmas_for(denoiser).tolist()
         x = noise.to(torch.float64) * sigmas[0]
         for s_cur, s_next in zip(sigmas[:-1], sigmas[1:]):
             d = (x - self._denoise(denoiser, x, s_cur, class_labels, dtype)) / s_cur

@@ -38,8 +38,8 @@ class MultistepSampler:
     def sigmas(self):
         """The K noise levels the generator is called at, in float64."""
         if self._sigmas is not None:
-            return torch.tensor(self._sigmas, dtype=torch.float64)
-        u = torch.linspace(0, 1, self.num_steps + 1, dtype=torch.float64)[:-1]
+            return torch.tensor(self._sigmas, dtype=torch.float64, device='cpu')
+        u = torch.linspace(0, 1, self.num_steps + 1, dtype=torch.float64, device='cpu')[:-1]
         sig = rho_ramp(u, self.sigma_min, self.sigma_max, self.rho)
         sig[1:] = (sig[1:] * self.scale).clamp(max=self.sigma_max)
         return sig

@@ -1,17 +1,15 @@
 """EDM teachers (Karras et al. 2022): an official EDM network, loaded without executing the
 pickle's code, or a gdistill EDM network built from a config."""
-import collections
 import os.path as osp
-import pickle
-import types
 
 import torch
 import torch.nn.functional as F
 
 from ..networks.edm import Preconditioner, TwoTimePrecond
+from ..networks.edm2 import EDM2Precond, EDM2TwoTimePrecond
 from ..registry import MODELS, TEACHERS, build
 from .base import Teacher
-from .edm_pickle import _rebuild_parameter, _rebuild_tensor_v2, load_edm_pickle
+from .edm_pickle import load_edm_pickle
 
 
 @TEACHERS.register_module()
@@ -28,8 +26,8 @@ class EDMTeacher(Teacher):
       ``checkpoint`` names a plain state_dict file (``torch.save``d, e.g. by
       ``tools/convert_edm.py``; read with ``weights_only=True``; ``{'state_dict': ...}`` also
       accepted) or a training checkpoint of gdistill's runner (e.g. ``iter_5000.pth`` of a
-      ``DenoisingTrainer`` run), of which only the tensors are read (``read_checkpoint_tensors``)
-      and the network's entries taken: those under ``checkpoint_prefix``, by default
+      ``DenoisingTrainer`` run), read with ``torch.load(weights_only=True)`` and checked against
+      its digest (``gdistill.engine.checkpoint.read_checkpoint``), and the network's entries taken: those under ``checkpoint_prefix``, by default
       ``'network_ema.'`` (the trainer's EMA) if present, else ``'network.'``.
 
     ``class_labels`` may be one-hot [N, label_dim] or integer class indices [N].
@@ -51,9 +49,10 @@ class EDMTeacher(Teacher):
             self.network = build(MODELS, network)
             if checkpoint is not None:
                 self._load_checkpoint(checkpoint, checkpoint_prefix)
-        if not isinstance(self.network, (Preconditioner, TwoTimePrecond)):
+        if not isinstance(self.network, (Preconditioner, TwoTimePrecond, EDM2Precond,
+                                         EDM2TwoTimePrecond)):
             raise TypeError(f'EDMTeacher needs a preconditioned network (EDMPrecond, VPPrecond, '
-                            f'VEPrecond, iDDPMPrecond); got {type(self.network).__name__}, which '
+                            f'VEPrecond, iDDPMPrecond, EDM2Precond); got {type(self.network).__name__}, which '
                             'is a raw F(x, c_noise) rather than a denoiser D(x; σ)')
         self.sigma_data = float(getattr(self.network, 'sigma_data', 0.5))
         self.label_dim = int(self.network.label_dim or 0)
@@ -64,10 +63,8 @@ class EDMTeacher(Teacher):
     def _load_checkpoint(self, checkpoint, prefix=None):
         if not osp.isfile(checkpoint):
             raise FileNotFoundError(f'EDMTeacher: checkpoint {checkpoint!r} does not exist')
-        try:
-            state = torch.load(checkpoint, map_location='cpu', weights_only=True)
-        except pickle.UnpicklingError:  # a runner checkpoint: log history and numpy states too
-            state = read_checkpoint_tensors(checkpoint)
+        from ..engine.checkpoint import read_checkpoint  # weights_only=True, digest checked
+        state = read_checkpoint(checkpoint)
         if isinstance(state, dict) and isinstance(state.get('state_dict'), dict):
             state = state['state_dict']
         if prefix is None:
@@ -90,52 +87,28 @@ class EDMTeacher(Teacher):
             return F.one_hot(class_labels.long(), self.label_dim).float()
         return class_labels
 
-    def edm_denoise(self, x, sigma, class_labels=None):
+    # The network's noise range and levels, which EDM's sampler follows (see
+    # gdistill.samplers.edm): VE nets 0.02–100, iDDPM nets their discrete levels.
+    sigma_min = property(lambda self: float(getattr(self.network, 'sigma_min', 0.0) or 0.0))
+    sigma_max = property(lambda self: float(getattr(self.network, 'sigma_max', float('inf'))))
+
+    def round_sigma(self, sigma):
+        """The network's ``round_sigma`` (iDDPM: the nearest of its discrete levels); every σ
+        for a network without one (EDM2)."""
+        rnd = getattr(self.network, 'round_sigma', None)
+        return torch.as_tensor(sigma) if rnd is None else rnd(sigma)
+
+    def edm_denoise(self, x, sigma, class_labels=None, augment_labels=None):
+        """D(x; σ, labels) of the network. ``augment_labels`` [N, augment_dim] are passed to a
+        network trained with augmentation conditioning (EDM's ``augment_dim``; zeros = no
+        augmentation, which is what the network sees when they are not given)."""
         sigma = torch.as_tensor(sigma, device=x.device, dtype=torch.float32)
         if sigma.ndim == 0:
             sigma = sigma.expand(x.shape[0])
         labels = self.one_hot(class_labels, x.shape[0])
         if labels is not None:
             labels = labels.to(x.device)
-        return self.network(x, sigma.reshape(-1), labels).to(x.dtype)
-
-
-class _Inert:
-    """Stands in for every global of a training checkpoint other than tensors and ordered dicts
-    (mmengine's log history, numpy arrays and random states, ``getattr``, …): accepts any
-    arguments and state, keeps nothing, runs nothing."""
-
-    def __new__(cls, *args, **kwargs):
-        return object.__new__(cls)
-
-    def __init__(self, *args, **kwargs):
-        pass
-
-    def __call__(self, *args, **kwargs):
-        return _Inert()
-
-    def __setstate__(self, state):
-        pass
-
-
-_TENSOR_GLOBALS = {('torch._utils', '_rebuild_tensor_v2'): _rebuild_tensor_v2,
-                   ('torch._utils', '_rebuild_parameter'): _rebuild_parameter,
-                   ('collections', 'OrderedDict'): collections.OrderedDict}
-
-
-class _TensorsOnlyUnpickler(pickle.Unpickler):
-    def find_class(self, module, name):
-        return _TENSOR_GLOBALS.get((module, name), _Inert)
-
-
-_tensors_only_pickle = types.ModuleType('gdistill_tensors_only_pickle')
-_tensors_only_pickle.Unpickler = _TensorsOnlyUnpickler
-_tensors_only_pickle.load = pickle.load
-
-
-def read_checkpoint_tensors(path):
-    """The tensors (in their dicts) of a ``torch.save`` file that also holds other objects, such
-    as the checkpoints of gdistill's mmengine runner, without executing anything from it: tensors
-    are rebuilt by torch's functions behind ``edm_pickle``'s checks, every other global becomes
-    an inert placeholder (``torch.load(weights_only=True)`` refuses such files instead)."""
-    return torch.load(path, map_location='cpu', weights_only=False, pickle_module=_tensors_only_pickle)
+        kwargs = {}
+        if augment_labels is not None:
+            kwargs['augment_labels'] = torch.as_tensor(augment_labels).to(x.device, torch.float32)
+        return self.network(x, sigma.reshape(-1), labels, **kwargs).to(x.dtype)

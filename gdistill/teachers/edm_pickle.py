@@ -4,7 +4,9 @@ An official EDM pickle (``edm-*.pkl``, or a ``network-snapshot-*.pkl`` of EDM's 
 dict ``{'ema': network, ...}`` (snapshots add ``loss_fn``, ``augment_pipe``,
 ``dataset_kwargs``). Every network object in it is stored as a call
 ``torch_utils.persistence._reconstruct_persistent_obj(meta)`` with ``meta = {type: 'class',
-version, module_src, class_name, state}``; unpickling it the ordinary way ``exec``s
+version, module_src, class_name, state}`` (NVlabs/edm torch_utils/persistence.py: ``class_name``
+is the BARE class name, ``_orig_class_name = orig_class.__name__``, e.g. ``'EDMPrecond'``, and
+``version`` is 6 in every released file); unpickling it the ordinary way ``exec``s
 ``module_src`` — arbitrary code from the file.
 
 :class:`SafeEDMUnpickler` resolves globals from an explicit allow-list only. The persistence
@@ -15,6 +17,10 @@ every other global — ``os.system``, ``builtins.eval``, ``subprocess.Popen``, �
 with an :class:`UnsafePickleError` naming it. The network is then built from gdistill's own
 classes with the recorded ``_init_kwargs`` and loaded with ``load_state_dict(strict=True)``
 from the tensors collected out of the nested state.
+
+Recorded class names map to gdistill classes through :data:`PICKLE_CLASSES`; the bare name and
+the dotted ``'<module>.<name>'`` of the registered module are both accepted. Networks of
+another module are added with one :func:`register_pickle_class` call each.
 """
 import collections
 import io
@@ -29,25 +35,72 @@ from ..networks.edm import (Conv2d, DhariwalUNet, EDMPrecond, FourierEmbedding, 
                             Linear, PositionalEmbedding, SongUNet, UNetBlock, VEPrecond,
                             VPPrecond, iDDPMPrecond)
 
-# Recorded class name → gdistill class. The networks may be a pickle's top-level object; the
-# layers may only appear inside one.
-NETWORK_CLASSES = {
-    'training.networks.EDMPrecond': EDMPrecond,
-    'training.networks.VPPrecond': VPPrecond,
-    'training.networks.VEPrecond': VEPrecond,
-    'training.networks.iDDPMPrecond': iDDPMPrecond,
-    'training.networks.SongUNet': SongUNet,
-    'training.networks.DhariwalUNet': DhariwalUNet,
-}
-LAYER_CLASSES = {
-    'training.networks.Linear': Linear,
-    'training.networks.Conv2d': Conv2d,
-    'training.networks.GroupNorm': GroupNorm,
-    'training.networks.UNetBlock': UNetBlock,
-    'training.networks.PositionalEmbedding': PositionalEmbedding,
-    'training.networks.FourierEmbedding': FourierEmbedding,
-}
-SUPPORTED_CLASSES = {**NETWORK_CLASSES, **LAYER_CLASSES}
+# --- the class table ----------------------------------------------------------------------------
+# EDM's persistence records an object's class by its BARE name (``_orig_class_name =
+# orig_class.__name__``, e.g. ``'EDMPrecond'``; NVlabs/edm torch_utils/persistence.py), with
+# version 6 in every released file. A dotted spelling ``'<module>.<name>'`` of a registered
+# module is accepted as well. Networks may be a pickle's top-level object; layers only appear
+# inside one.
+class PickleClass:
+    """A registered recorded class: the gdistill class that rebuilds it, the module that defines
+    it in the original code, and whether it is a whole network (buildable from its recorded
+    ``_init_kwargs``) or a layer inside one."""
+
+    def __init__(self, name, cls, module, network):
+        self.name, self.cls, self.module, self.network = name, cls, module, network
+
+    def __repr__(self):
+        kind = 'network' if self.network else 'layer'
+        return f'PickleClass({self.module}.{self.name} -> {self.cls.__name__}, {kind})'
+
+
+PICKLE_CLASSES = {}
+
+
+def register_pickle_class(name, cls, module='training.networks', network=False):
+    """Let the safe loader rebuild a recorded class ``name`` (bare, as persistence records it)
+    of ``module`` with gdistill's ``cls``. ``network=True``: it may be the pickled network itself
+    and is built as ``cls(**_init_kwargs)``; otherwise it is a layer, which must be exactly what
+    the enclosing network builds at its place. Returns ``cls``."""
+    if not isinstance(name, str) or not name.isidentifier():
+        raise ValueError(f'register_pickle_class: name must be a bare class name, got {name!r}')
+    known = PICKLE_CLASSES.get(name)
+    if known is not None and (known.cls is not cls or known.module != module):
+        raise ValueError(f'register_pickle_class: {name!r} is already registered as {known!r}')
+    PICKLE_CLASSES[name] = PickleClass(name, cls, module, bool(network))
+    return cls
+
+
+for _cls in (EDMPrecond, VPPrecond, VEPrecond, iDDPMPrecond, SongUNet, DhariwalUNet):
+    register_pickle_class(_cls.__name__, _cls, network=True)
+for _cls in (Linear, Conv2d, GroupNorm, UNetBlock, PositionalEmbedding, FourierEmbedding):
+    register_pickle_class(_cls.__name__, _cls)
+del _cls
+
+
+def _supported(network_only):
+    return ', '.join(sorted(n for n, e in PICKLE_CLASSES.items() if e.network or not network_only))
+
+
+def lookup_pickle_class(class_name, network_only=False, where=None):
+    """The :class:`PickleClass` of a recorded class name (``'EDMPrecond'`` or
+    ``'training.networks.EDMPrecond'``); a clear :class:`EDMPickleError` otherwise."""
+    at = f'at {where}: ' if where else ''
+    kind = 'network class' if network_only else 'class'
+    if not isinstance(class_name, str):
+        raise EDMPickleError(f'{at}the recorded class name is {type(class_name).__name__}, not a str')
+    module, _, bare = class_name.rpartition('.')
+    entry = PICKLE_CLASSES.get(bare)
+    if entry is not None and module and module != entry.module:
+        raise EDMPickleError(f'{at}unsupported {kind} {class_name!r}: gdistill reads {bare} '
+                             f'only as recorded by {entry.module} ({bare!r} or '
+                             f'{entry.module + "." + bare!r}), not from module {module!r}')
+    if entry is None or (network_only and not entry.network):
+        what = ('a layer, not a network that a pickle can hold by itself; '
+                if entry is not None else '')
+        raise EDMPickleError(f'{at}unsupported {kind} {class_name!r} ({what}supported: '
+                             f'{_supported(network_only)})')
+    return entry
 
 
 class UnsafePickleError(pickle.UnpicklingError):
@@ -167,6 +220,40 @@ def _numpy_scalar(dtype, data=None):
     return np.frombuffer(data, dtype=dtype, count=1)[0]
 
 
+class _NumpyArrayClass:
+    """Stands for ``numpy.ndarray`` when a file names it (the class argument of
+    ``_reconstruct``); it constructs nothing."""
+
+
+class SafeNumpyArray(np.ndarray):
+    """A numpy array read from a pickle (EDM2's ``StabilityVAEEncoder`` stores its ``scale``
+    and ``bias`` so): its state is checked — a non-object dtype and exactly shape·itemsize bytes
+    of raw data — before numpy's own ``__setstate__`` copies the bytes in."""
+
+    def __setstate__(self, state):
+        if not (isinstance(state, tuple) and len(state) == 5):
+            raise UnsafePickleError('numpy array state must be (version, shape, dtype, '
+                                    f'is_fortran, data); got {type(state).__name__}')
+        _, shape, dtype, _, data = state
+        if not isinstance(dtype, np.dtype) or dtype.hasobject:
+            raise UnsafePickleError(f'refusing a numpy array of dtype {dtype!r} (object arrays '
+                                    'unpickle arbitrary objects)')
+        if not (isinstance(shape, tuple) and all(isinstance(n, int) and n >= 0 for n in shape)):
+            raise UnsafePickleError(f'numpy array shape must be a tuple of ints, got {shape!r}')
+        if not isinstance(data, (bytes, bytearray)) or len(data) != int(np.prod(shape)) * dtype.itemsize:
+            raise UnsafePickleError(f'numpy array data must be {int(np.prod(shape)) * dtype.itemsize} '
+                                    f'raw bytes for shape {shape} and dtype {dtype}')
+        super().__setstate__(state)
+
+
+def _numpy_reconstruct(cls, shape, typecode):
+    """``numpy.core.multiarray._reconstruct(numpy.ndarray, (0,), b'b')``: the empty array that
+    pickle then fills with ``__setstate__`` (checked by :class:`SafeNumpyArray`)."""
+    if cls is not _NumpyArrayClass:
+        raise UnsafePickleError(f'numpy _reconstruct may only build numpy.ndarray, got {cls!r}')
+    return SafeNumpyArray((0,), dtype=np.int8)
+
+
 ALLOWED_GLOBALS = {
     ('torch_utils.persistence', '_reconstruct_persistent_obj'): _reconstruct_persistent_obj,
     ('torch._utils', '_rebuild_tensor_v2'): _rebuild_tensor_v2,
@@ -177,6 +264,10 @@ ALLOWED_GLOBALS = {
     ('numpy', 'dtype'): _numpy_dtype,
     ('numpy.core.multiarray', 'scalar'): _numpy_scalar,
     ('numpy._core.multiarray', 'scalar'): _numpy_scalar,
+    # numpy arrays (EDM2's StabilityVAEEncoder scale/bias), written by numpy 1.x or >= 2
+    ('numpy', 'ndarray'): _NumpyArrayClass,
+    ('numpy.core.multiarray', '_reconstruct'): _numpy_reconstruct,
+    ('numpy._core.multiarray', '_reconstruct'): _numpy_reconstruct,
     ('dnnlib.util', 'EasyDict'): EasyDict,
     # protocol 3 spells sets (e.g. a module's _non_persistent_buffers_set) as calls
     ('builtins', 'set'): set,
@@ -208,7 +299,10 @@ def read_edm_pickle(source):
     with networks as inert :class:`PersistentRecord` objects."""
     if isinstance(source, (str, os.PathLike)):
         with open(source, 'rb') as f:
-            return read_edm_pickle(f)
+            try:
+                return read_edm_pickle(f)
+            except (UnsafePickleError, EDMPickleError) as err:  # name the file
+                raise type(err)(f'{os.fspath(source)}: {err}') from None
     head = b''
     if getattr(source, 'seekable', lambda: False)():
         start = source.tell()
@@ -248,16 +342,15 @@ def network_config(record):
         raise EDMPickleError(f'{record.class_name} was constructed with positional arguments '
                              f'{args!r}; EDM constructs its networks with keywords only')
     kwargs = _plain(dict(kwargs), record.class_name)
-    return dict(type=NETWORK_CLASSES[record.class_name].__name__, **kwargs)
+    return dict(type=lookup_pickle_class(record.class_name, network_only=True).cls.__name__,
+                **kwargs)
 
 
 def _check_network_record(record):
     if not isinstance(record, PersistentRecord):
         raise EDMPickleError(f'expected a persistent network object, found '
                              f'{type(record).__name__}')
-    if record.class_name not in NETWORK_CLASSES:
-        raise EDMPickleError(f'unsupported network class {record.class_name!r}; supported: '
-                             f'{", ".join(sorted(NETWORK_CLASSES))}')
+    lookup_pickle_class(record.class_name, network_only=True)
 
 
 def collect_state_dict(record, module, prefix=''):
@@ -265,10 +358,7 @@ def collect_state_dict(record, module, prefix=''):
     recorded module's class is the one gdistill built at that path."""
     where = prefix[:-1] or '<root>'
     if isinstance(record, PersistentRecord):
-        expected = SUPPORTED_CLASSES.get(record.class_name)
-        if expected is None:
-            raise EDMPickleError(f'at {where}: unsupported class {record.class_name!r}; '
-                                 f'supported: {", ".join(sorted(SUPPORTED_CLASSES))}')
+        expected = lookup_pickle_class(record.class_name, where=where).cls
     elif isinstance(record, ModuleDictRecord):
         expected = nn.ModuleDict
     else:
@@ -317,7 +407,7 @@ def _state_dict_mismatch(found, expected, show=3):
 def network_from_record(record):
     """Build gdistill's network for a network record and load its tensors strictly."""
     cfg = network_config(record)
-    cls = NETWORK_CLASSES[record.class_name]
+    cls = lookup_pickle_class(record.class_name, network_only=True).cls
     kwargs = {k: v for k, v in cfg.items() if k != 'type'}
     with torch.device('meta'):  # no random init of weights that are overwritten next
         try:

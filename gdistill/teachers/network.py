@@ -33,8 +33,8 @@ class NetworkTeacher(Teacher):
         if checkpoint is not None:
             if not osp.isfile(checkpoint):
                 raise FileNotFoundError(f'NetworkTeacher: checkpoint {checkpoint!r} does not exist')
-            state = torch.load(checkpoint, map_location='cpu', weights_only=True)
-            self.network.load_state_dict(state.get('state_dict', state), strict=True)
+            from ..engine.checkpoint import read_state_dict  # weights_only=True, digest checked
+            self.network.load_state_dict(read_state_dict(checkpoint), strict=True)
         if fit is not None:
             self._fit_or_load(network, dict(fit))
         dim = getattr(self.network, 'dim', None)

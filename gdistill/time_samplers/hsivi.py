@@ -19,12 +19,12 @@ def layer_sigmas(num_steps=4, sigma_min=0.002, sigma_max=80.0, rho=7.0, sigmas=N
                 or any(a <= b for a, b in zip(sig, sig[1:])):
             raise ValueError('layer sigmas must be K + 1 >= 2 finite positive noise levels in strictly '
                              f'decreasing order (prior first), got {list(sigmas)}')
-        return torch.tensor(sig, dtype=torch.float64)
+        return torch.tensor(sig, dtype=torch.float64, device='cpu')
     if isinstance(num_steps, bool) or not isinstance(num_steps, numbers.Integral) or num_steps < 1:
         raise ValueError(f'num_steps (the number of layers K) must be an integer >= 1, got {num_steps!r}')
     if not 0 < sigma_min < sigma_max or not rho > 0:
         raise ValueError(f'need 0 < sigma_min < sigma_max and rho > 0, got {sigma_min}, {sigma_max}, {rho}')
-    u = torch.linspace(0, 1, int(num_steps) + 1, dtype=torch.float64)
+    u = torch.linspace(0, 1, int(num_steps) + 1, dtype=torch.float64, device='cpu')
     return rho_ramp(u, float(sigma_min), float(sigma_max), float(rho))
 
 
@@ -83,10 +83,10 @@ class LayerTimeSampler:
         """``stage`` is accepted for the shared interface; both stages draw alike."""
         K = self.num_steps
         if self.stratified:
-            start = torch.randint(K, (1,), generator=generator)
-            layer = (torch.arange(n) + start) % K
+            start = torch.randint(K, (1,), generator=generator, device='cpu')
+            layer = (torch.arange(n, device='cpu') + start) % K
         else:
-            layer = torch.randint(K, (n,), generator=generator)
+            layer = torch.randint(K, (n,), generator=generator, device='cpu')
         layer = layer.to(device)
         sig = self._sigmas.to(device)
         sigma_t, sigma_s = sig[layer], sig[layer + 1]

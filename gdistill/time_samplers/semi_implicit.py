@@ -40,10 +40,21 @@ class CoSIMTimeSampler:
 
     γ = 1 makes every pair start from the prior; with R = 1 the window spans the whole ramp
     above s. ``aux_lognormal`` (P_mean, P_std) optionally draws the ψ-stage's s from EDM's
-    training distribution ln σ ~ N(P_mean, P_std²) instead (SiD's fake-score step)."""
+    training distribution ln σ ~ N(P_mean, P_std²) instead (SiD's fake-score step).
+
+    ``window`` chooses the law of t | s:
+
+    - ``'fixed'`` (the default, as above): one window of 1/R of the ramp, cut at its top;
+    - ``'paper'``: App. A.1 of the paper exactly. With r = 1 − u (r = 0 at σ_min, r = 1 at
+      σ_max), r_t = min(r_s + Γ, 1), Γ = B·U[0, 1]·U{1, ½, …, 1/R} + (1 − B), where the paper's
+      B ~ Bernoulli(½) is 1 with probability 1 − ``gamma`` (the paper's ½ is ``gamma=0.5``):
+      a mixture of the window sizes 1, ½, …, 1/R, and every pair whose r_t reaches 1 (B = 0,
+      or the window runs past the top) starts at t_max from the prior. R must be an integer."""
+
+    WINDOWS = ('fixed', 'paper')
 
     def __init__(self, sigma_min=0.002, sigma_max=80.0, rho=7.0, gamma=0.5, R=4, u_lo=0.0,
-                 aux_lognormal=None):
+                 aux_lognormal=None, window='fixed'):
         _check(sigma_min, sigma_max, rho)
         if not 0 <= gamma <= 1:
             raise ValueError(f'CoSIMTimeSampler: gamma is a probability in [0, 1], got {gamma}')
@@ -54,6 +65,13 @@ class CoSIMTimeSampler:
         self.sigma_min, self.sigma_max, self.rho = float(sigma_min), float(sigma_max), float(rho)
         self.gamma, self.R, self.u_lo = float(gamma), float(R), float(u_lo)
         self.aux_lognormal = tuple(aux_lognormal) if aux_lognormal is not None else None
+        if window not in self.WINDOWS:
+            raise ValueError(f"CoSIMTimeSampler: window is 'fixed' (one window of 1/R) or 'paper' "
+                             f"(App. A.1's mixture of windows 1, 1/2, ..., 1/R), got {window!r}")
+        if window == 'paper' and R != int(R):
+            raise ValueError(f"CoSIMTimeSampler: window='paper' draws the window size from "
+                             f"U{{1, 1/2, ..., 1/R}}, so R must be an integer, got {R}")
+        self.window = window
 
     def ramp(self, u):
         return rho_ramp(u, self.sigma_min, self.sigma_max, self.rho)
@@ -67,8 +85,15 @@ class CoSIMTimeSampler:
             sigma_s = (p_mean + p_std * torch.randn(n, generator=generator, **f64)).exp()
             u_s = self.u_of_sigma(sigma_s.clamp(self.sigma_min, self.sigma_max))
         from_prior = torch.rand(n, generator=generator, **f64) < self.gamma
-        lo = (u_s - 1 / self.R).clamp(min=0)
-        u_t = lo + (u_s - lo) * torch.rand(n, generator=generator, **f64)
+        if self.window == 'paper':
+            # Γ = U[0, 1]/k with k ~ U{1, …, R}; r_t = min(r_s + Γ, 1) in u = 1 − r
+            k = torch.randint(1, int(self.R) + 1, (n,), generator=generator, device=device)
+            u_t = u_s - torch.rand(n, generator=generator, **f64) / k
+            from_prior = from_prior | (u_t <= 0)
+            u_t = u_t.clamp(min=0)
+        else:
+            lo = (u_s - 1 / self.R).clamp(min=0)
+            u_t = lo + (u_s - lo) * torch.rand(n, generator=generator, **f64)
         sigma_t = torch.where(from_prior, torch.full_like(u_t, self.sigma_max), self.ramp(u_t))
         return TimePairs(s=schedule.t_from_edm_sigma(sigma_s), t=schedule.t_from_edm_sigma(sigma_t),
                          sigma_s=sigma_s, sigma_t=sigma_t, from_prior=from_prior)
@@ -79,7 +104,7 @@ class CoSIMTimeSampler:
 
     def __repr__(self):
         return (f'CoSIMTimeSampler(sigma_min={self.sigma_min}, sigma_max={self.sigma_max}, '
-                f'rho={self.rho}, gamma={self.gamma}, R={self.R}, u_lo={self.u_lo})')
+                f'rho={self.rho}, gamma={self.gamma}, R={self.R}, u_lo={self.u_lo}, window={self.window!r})')
 
 
 @TIME_SAMPLERS.register_module()

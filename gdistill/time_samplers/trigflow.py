@@ -27,8 +27,8 @@ class TrigFlowLogNormalTimeSampler:
     def sample(self, n, schedule, device=None, generator=None):
         f64 = torch.float64
         tau = self.P_mean + self.P_std * torch.randn(n, generator=generator, dtype=f64, device=device)
-        lo = schedule.edm_sigma(torch.tensor(schedule.t_min, dtype=f64))
-        hi = schedule.edm_sigma(torch.tensor(schedule.t_max, dtype=f64))
+        lo = schedule.edm_sigma(torch.tensor(schedule.t_min, dtype=f64, device='cpu'))
+        hi = schedule.edm_sigma(torch.tensor(schedule.t_max, dtype=f64, device='cpu'))
         sigma = tau.exp().clamp(float(lo), float(hi))
         return dict(t=schedule.t_from_edm_sigma(sigma), sigma=sigma)
 

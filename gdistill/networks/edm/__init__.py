@@ -5,7 +5,7 @@ from .dhariwal_unet import DhariwalUNet
 from .layers import (Conv2d, FourierEmbedding, GroupNorm, Linear, PositionalEmbedding,
                      UNetBlock, attention, weight_init)
 from .precond import (MODEL_TYPES, EDMPrecond, Preconditioner, VEPrecond, VPPrecond,
-                      iDDPMPrecond, iddpm_u_table)
+                      iDDPMPrecond, iddpm_u_table, sampling_precision)
 from .song_unet import SongUNet
 from .two_time import SecondTimeEmbedding, TwoTimePrecond
 
@@ -13,5 +13,5 @@ __all__ = [
     'SongUNet', 'DhariwalUNet', 'EDMPrecond', 'VPPrecond', 'VEPrecond', 'iDDPMPrecond',
     'Preconditioner', 'TwoTimePrecond', 'SecondTimeEmbedding', 'MODEL_TYPES', 'iddpm_u_table',
     'Linear', 'Conv2d', 'GroupNorm', 'UNetBlock', 'PositionalEmbedding', 'FourierEmbedding',
-    'attention', 'weight_init',
+    'attention', 'weight_init', 'sampling_precision',
 ]

@@ -13,7 +13,11 @@ written by EDM loads here with ``strict=True``:
 Weights are cast to the input's dtype in ``forward`` so an fp16 input runs an fp16 layer while
 the parameters stay float32. Attention runs ``scaled_dot_product_attention`` inside an ``autograd.Function`` with
 ``setup_context`` and an explicit ``jvp``, so ``torch.func.jvp`` works through every layer
-(the fused CUDA kernels have no forward-mode derivative of their own).
+(the fused CUDA kernels have no forward-mode derivative of their own). Under a forward-mode
+derivative, convolutions and GroupNorms also run through autograd Functions with their JVPs
+written out (``ConvolutionJvp``: the input tangent only, two convolutions where torch's rule runs
+three; ``GroupNormJvp``: a few fused passes instead of torch's decomposition); elsewhere they are
+torch's own calls, unchanged.
 """
 import math
 
@@ -38,6 +42,145 @@ def weight_init(shape, mode, fan_in, fan_out):
     scale_of, kind = _INIT_MODES[mode]
     unit = torch.rand(*shape) * 2 - 1 if kind == 'uniform' else torch.randn(*shape)
     return scale_of(fan_in, fan_out) * unit
+
+
+def forward_ad_active():
+    """Whether a forward-mode derivative may be running (inside ``torch.func.jvp`` or
+    ``torch.autograd.forward_ad.dual_level``): the layers then use the functions below, whose
+    derivatives are written out."""
+    return torch.autograd.forward_ad._current_level >= 0
+
+
+class ConvolutionJvp(torch.autograd.Function):
+    """``F.conv2d``/``F.conv_transpose2d`` with the forward-mode derivative written out. A
+    convolution is bilinear, so d conv(x, W) = conv(ẋ, W) + conv(x, Ẇ) + ḃ; torch's built-in
+    rule evaluates every term, with a zero tensor for an input without a tangent — a network's
+    weights under ``torch.func.jvp`` — so its JVP costs three convolutions; here only the terms
+    with a tangent run (two convolutions for an input tangent: the primal and conv(ẋ, W)).
+    Backward: ``aten.convolution_backward``, as torch's own."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x, weight, bias, transposed, stride, padding, groups):
+        fn = F.conv_transpose2d if transposed else F.conv2d
+        return fn(x, weight, bias, stride=stride, padding=padding, groups=groups)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, weight, bias, transposed, stride, padding, groups = inputs
+        ctx.save_for_backward(x, weight)
+        ctx.save_for_forward(x, weight)
+        ctx.conv = (transposed, stride, padding, groups)
+        ctx.set_materialize_grads(False)   # inputs without a tangent (the weights) get None, not zeros
+        ctx.bias_sizes = None if bias is None else list(bias.shape)
+
+    @staticmethod
+    def jvp(ctx, dx, dweight, dbias, *_):
+        x, weight = ctx.saved_tensors
+        transposed, stride, padding, groups = ctx.conv
+        fn = F.conv_transpose2d if transposed else F.conv2d
+        out = None
+        if dx is not None:
+            out = fn(dx, weight, None, stride=stride, padding=padding, groups=groups)
+        if dweight is not None:
+            term = fn(x, dweight, None, stride=stride, padding=padding, groups=groups)
+            out = term if out is None else out + term
+        if dbias is not None:
+            if out is None:
+                out = torch.zeros_like(fn(x, weight, None, stride=stride, padding=padding, groups=groups))
+            out = out + dbias.reshape(1, -1, 1, 1)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        x, weight = ctx.saved_tensors
+        transposed, stride, padding, groups = ctx.conv
+        pair = (lambda v: [v, v])
+        gx, gw, gb = torch.ops.aten.convolution_backward(
+            grad_out, x, weight, ctx.bias_sizes, pair(stride), pair(padding), [1, 1], transposed, [0, 0], groups,
+            [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.bias_sizes is not None and ctx.needs_input_grad[2]])
+        return gx, gw, gb, None, None, None, None
+
+
+def convolution(x, weight, bias=None, transposed=False, stride=1, padding=0, groups=1):
+    """A 2-D convolution (transposed if asked) with integer stride and padding; under a forward-mode
+    derivative through ``ConvolutionJvp`` (its JVP costs two convolutions, not three)."""
+    if forward_ad_active():
+        return ConvolutionJvp.apply(x, weight, bias, transposed, stride, padding, groups)
+    fn = F.conv_transpose2d if transposed else F.conv2d
+    return fn(x, weight, bias, stride=stride, padding=padding, groups=groups)
+
+
+class GroupNormJvp(torch.autograd.Function):
+    """``F.group_norm`` with its forward-mode derivative written out (Wu & He 2018's
+    normalisation; torch differentiates it forward by decomposition into a dozen elementwise
+    passes). Per group, with x̂ = (x − μ)·r, r = 1/√(var + ε):
+
+        ẏ = γ·r·(ẋ − mean(ẋ) − x̂·mean(x̂·ẋ)) + γ̇·x̂ + β̇,
+
+    the statistics in at least float32. Backward: recomputed under autograd (first order)."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x, weight, bias, num_groups, eps):
+        return F.group_norm(x, num_groups, weight, bias, eps)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, weight, bias, num_groups, eps = inputs
+        ctx.save_for_backward(x, weight, bias)
+        ctx.save_for_forward(x, weight)
+        ctx.norm = (num_groups, eps)
+        ctx.set_materialize_grads(False)   # inputs without a tangent (the weights) get None, not zeros
+
+    @staticmethod
+    def jvp(ctx, dx, dweight, dbias, *_):
+        x, weight = ctx.saved_tensors
+        num_groups, eps = ctx.norm
+        n, c = x.shape[:2]
+        dtype = torch.promote_types(x.dtype, torch.float32)
+        # [N, G, C/G, pixels]: per-group statistics, per-channel affine
+        xc = x.reshape(n, num_groups, c // num_groups, -1).to(dtype)
+        var, mean = torch.var_mean(xc, dim=(2, 3), unbiased=False, keepdim=True)
+        rstd = (var + eps).rsqrt()
+        xc = xc - mean                                             # x̂ = r·xc
+        gamma = weight.to(dtype).reshape(1, num_groups, c // num_groups, 1)
+        out = torch.zeros_like(xc)
+        if dx is not None:
+            # ẏ = γr·ẋ − γr·mean(ẋ) − γr³·mean(xc·ẋ)·xc, as two fused multiply-adds
+            dg = dx.reshape(xc.shape).to(dtype)
+            scale = gamma * rstd
+            coef_x = -scale * rstd ** 2 * (xc * dg).mean(dim=(2, 3), keepdim=True)
+            shift = -scale * dg.mean(dim=(2, 3), keepdim=True)
+            out = torch.addcmul(torch.addcmul(shift, coef_x, xc), scale, dg)
+        if dweight is not None:
+            out = out + xc * rstd * dweight.to(dtype).reshape(gamma.shape)
+        if dbias is not None:
+            out = out + dbias.to(dtype).reshape(gamma.shape)
+        out = out.reshape(x.shape)
+        return out.to(x.dtype)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        x, weight, bias = ctx.saved_tensors
+        num_groups, eps = ctx.norm
+        inputs = [t.detach().requires_grad_(need) for t, need in zip((x, weight, bias), ctx.needs_input_grad)]
+        with torch.enable_grad():
+            out = F.group_norm(inputs[0], num_groups, inputs[1], inputs[2], eps)
+        wanted = [t for t, need in zip(inputs, ctx.needs_input_grad) if need]
+        grads = iter(torch.autograd.grad(out, wanted, grad_out))
+        return tuple(next(grads) if need else None for need in ctx.needs_input_grad[:3]) + (None, None)
+
+
+def group_norm(x, num_groups, weight, bias, eps):
+    """``F.group_norm``; under a forward-mode derivative through ``GroupNormJvp``."""
+    if forward_ad_active():
+        return GroupNormJvp.apply(x, weight, bias, num_groups, eps)
+    return F.group_norm(x, num_groups, weight, bias, eps)
 
 
 class Linear(nn.Module):
@@ -99,20 +242,20 @@ class Conv2d(nn.Module):
         c_in, c_out = self.in_channels, self.out_channels
 
         if self.fused_resample and self.up and w is not None:
-            x = F.conv_transpose2d(x, f.mul(4).tile([c_in, 1, 1, 1]), groups=c_in, stride=2,
-                                   padding=max(f_pad - w_pad, 0))
-            x = F.conv2d(x, w, padding=max(w_pad - f_pad, 0))
+            x = convolution(x, f.mul(4).tile([c_in, 1, 1, 1]), groups=c_in, stride=2, transposed=True,
+                            padding=max(f_pad - w_pad, 0))
+            x = convolution(x, w, padding=max(w_pad - f_pad, 0))
         elif self.fused_resample and self.down and w is not None:
-            x = F.conv2d(x, w, padding=w_pad + f_pad)
-            x = F.conv2d(x, f.tile([c_out, 1, 1, 1]), groups=c_out, stride=2)
+            x = convolution(x, w, padding=w_pad + f_pad)
+            x = convolution(x, f.tile([c_out, 1, 1, 1]), groups=c_out, stride=2)
         else:
             if self.up:  # ×4: the transposed conv spreads each pixel over a 2×2 cell
-                x = F.conv_transpose2d(x, f.mul(4).tile([c_in, 1, 1, 1]), groups=c_in, stride=2,
-                                       padding=f_pad)
+                x = convolution(x, f.mul(4).tile([c_in, 1, 1, 1]), groups=c_in, stride=2, transposed=True,
+                                padding=f_pad)
             if self.down:
-                x = F.conv2d(x, f.tile([c_in, 1, 1, 1]), groups=c_in, stride=2, padding=f_pad)
+                x = convolution(x, f.tile([c_in, 1, 1, 1]), groups=c_in, stride=2, padding=f_pad)
             if w is not None:
-                x = F.conv2d(x, w, padding=w_pad)
+                x = convolution(x, w, padding=w_pad)
         if b is not None:
             x = x + b.reshape(1, -1, 1, 1)
         return x
@@ -130,8 +273,7 @@ class GroupNorm(nn.Module):
         self.bias = nn.Parameter(torch.zeros(num_channels))
 
     def forward(self, x):
-        return F.group_norm(x, num_groups=self.num_groups, weight=self.weight.to(x.dtype),
-                            bias=self.bias.to(x.dtype), eps=self.eps)
+        return group_norm(x, self.num_groups, self.weight.to(x.dtype), self.bias.to(x.dtype), self.eps)
 
 
 class SoftmaxAttention(torch.autograd.Function):
@@ -170,7 +312,10 @@ class SoftmaxAttention(torch.autograd.Function):
 
     @staticmethod
     def jvp(ctx, dq, dk, dv):
-        q, k, v = ctx.saved_tensors
+        out_dtype = ctx.saved_tensors[0].dtype
+        wide = torch.promote_types(out_dtype, torch.float32)
+        q, k, v = (t.to(wide) for t in ctx.saved_tensors)
+        dq, dk, dv = (None if t is None else t.to(wide) for t in (dq, dk, dv))
         scale = q.shape[-1] ** -0.5
         p = torch.softmax(q @ k.transpose(-1, -2) * scale, dim=-1)
         ds = torch.zeros_like(p)
@@ -182,18 +327,22 @@ class SoftmaxAttention(torch.autograd.Function):
         out = dp @ v
         if dv is not None:
             out = out + p @ dv
-        return out
+        return out.to(out_dtype)
 
 
 def attention(q, k, v):
     """Softmax attention in EDM's channels-first layout: q, k, v are [N, C, L] (N = batch ×
     heads, C = channels per head, L = pixels); returns [N, C, L].
 
-    Weights softmax_k(q·k/√C) are formed in at least float32 whatever the input dtype, as EDM
-    does (float64 inputs stay float64). ``SoftmaxAttention`` carries the forward-mode
-    derivative, so ``torch.func.jvp`` works here on CPU and CUDA alike.
+    float32 and float64 inputs run in their own dtype. Half-precision inputs (a network run in
+    bf16/fp16) stay in it: ``scaled_dot_product_attention``'s fused kernels form q·k and the
+    softmax with float32 accumulation and round the weights to the input dtype before
+    multiplying v, as EDM's fp16 ``AttentionOp`` does (weights in float32, cast to q's dtype).
+    ``SoftmaxAttention`` carries the forward-mode derivative (its tangent in float32 or wider),
+    so ``torch.func.jvp`` works here on CPU and CUDA alike.
     """
-    dtype = torch.promote_types(q.dtype, torch.float32)
+    half = q.dtype in (torch.float16, torch.bfloat16)
+    dtype = q.dtype if half else torch.promote_types(q.dtype, torch.float32)
     out = SoftmaxAttention.apply(q.transpose(1, 2).to(dtype), k.transpose(1, 2).to(dtype),
                                  v.transpose(1, 2).to(dtype))
     # contiguous: a strided (channels-last) result would make the next GroupNorm's

@@ -10,6 +10,7 @@ with the coefficients of its row of Table 1. Constructor signatures, ``forward``
 state_dict layout (``model.*``, plus ``u`` for iDDPM) equal EDM's, so the official pickles'
 networks load strictly (see ``gdistill.teachers.edm_pickle``).
 """
+import contextlib
 import math
 
 import torch
@@ -20,6 +21,44 @@ from .dhariwal_unet import DhariwalUNet
 from .song_unet import SongUNet
 
 MODEL_TYPES = {'SongUNet': SongUNet, 'DhariwalUNet': DhariwalUNet}
+PRECISIONS = ('fp32', 'bf16')
+
+
+def sampling_precision(precision, device):
+    """The context a sampler runs in for ``precision``: ``'fp32'`` (as is) or ``'bf16'`` (a
+    bfloat16 autocast region on ``device``'s type, in which every EDM preconditioner runs its F
+    wholly in bfloat16 — ``autocast_mode='cast'`` — and other networks op by op; the samplers'
+    own arithmetic and the denoised outputs stay float32)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f'precision is one of {PRECISIONS}, got {precision!r}')
+    if precision == 'fp32':
+        return contextlib.nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
+
+
+
+class InPrecision:
+    """A denoiser whose every call runs under ``sampling_precision(precision, device)`` — what a
+    sampler is given for bf16 sampling, so that only the network calls change precision (a
+    decoder or a feature detector after the sampler stays float32). Outputs are float32; every
+    other attribute (``sigma_min``, ``round_sigma``, …) is the network's."""
+
+    def __init__(self, net, precision, device):
+        sampling_precision(precision, device)       # checks the name
+        self.net, self.precision, self.device = net, precision, device
+
+    def __call__(self, *args, **kwargs):
+        with sampling_precision(self.precision, self.device):
+            out = self.net(*args, **kwargs)
+        return out.float() if torch.is_tensor(out) else out
+
+    def __getattr__(self, name):
+        return getattr(self.__dict__['net'], name)
+
+
+def in_precision(net, precision, device):
+    """``net`` for ``precision='fp32'``, else ``InPrecision(net, precision, device)``."""
+    return net if precision == 'fp32' else InPrecision(net, precision, device)
 
 
 class Preconditioner(nn.Module):
@@ -30,7 +69,23 @@ class Preconditioner(nn.Module):
     ``forward(x, sigma, class_labels=None, force_fp32=False, **model_kwargs)`` returns the
     denoised x̂₀ in float32; ``model_kwargs`` (e.g. ``augment_labels``) go to F. Like EDM, fp16
     is used only on CUDA and only when ``use_fp16`` and not ``force_fp32``.
+
+    Speed options (keyword arguments of every preconditioner, also attributes; none changes a
+    float32 result or the state_dict):
+
+    - ``use_bf16``: F runs wholly in bfloat16 — its input cast once, every layer in bf16 (weights
+      cast per call, GroupNorm, SiLU and attention in bf16 with float32 statistics inside the
+      kernels), the embedding in float32 — as EDM's ``use_fp16`` runs it in float16 (on any
+      device; ``force_fp32`` turns it off per call);
+    - ``autocast_mode``: what F does under a half-precision ``torch.autocast`` region (the
+      distillers' ``mixed_precision='bf16'``): ``'cast'`` (default) runs it as ``use_bf16`` does
+      in the autocast dtype, with autocast off inside F (no float32 round trip around every
+      GroupNorm); ``'ops'`` leaves it to autocast op by op (torch's own policy);
+    - ``channels_last``: F's activations and convolution weights in channels-last layout
+      (``set_channels_last``), which cuDNN's fastest half-precision kernels use.
     """
+
+    AUTOCAST_MODES = ('cast', 'ops')
 
     out_channels_per_image_channel = 1  # iDDPM's F also predicts variances (2×)
 
@@ -44,11 +99,33 @@ class Preconditioner(nn.Module):
         self.img_channels = img_channels
         self.label_dim = label_dim
         self.use_fp16 = use_fp16
+        model_kwargs = dict(model_kwargs)
+        self.use_bf16 = bool(model_kwargs.pop('use_bf16', False))
+        autocast_mode = model_kwargs.pop('autocast_mode', 'cast')
+        if autocast_mode not in self.AUTOCAST_MODES:
+            raise ValueError(f"{type(self).__name__}: autocast_mode is 'cast' (F wholly in the autocast dtype) "
+                             f"or 'ops' (torch's per-op autocast), got {autocast_mode!r}")
+        self.autocast_mode = autocast_mode
+        channels_last = bool(model_kwargs.pop('channels_last', False))
         self.model_type = model_type
         self.model = MODEL_TYPES[model_type](
             img_resolution=img_resolution, in_channels=img_channels,
             out_channels=img_channels * self.out_channels_per_image_channel,
             label_dim=label_dim, **model_kwargs)
+        self.channels_last = False
+        if channels_last:
+            self.set_channels_last(True)
+
+    def set_channels_last(self, enabled=True):
+        """Keep F's convolution weights and activations channels-last (or back to contiguous).
+        Values and state_dict keys are unchanged. Call it before wrapping the network in
+        DDP/FSDP (it replaces the weights' storage)."""
+        self.channels_last = bool(enabled)
+        fmt = torch.channels_last if enabled else torch.contiguous_format
+        for p in self.model.parameters():
+            if p.ndim == 4:
+                p.data = p.data.contiguous(memory_format=fmt)
+        return self
 
     # --- the one method a preconditioner defines ---------------------------------------------
     def precondition(self, sigma):
@@ -68,8 +145,36 @@ class Preconditioner(nn.Module):
             class_labels = torch.zeros([1, self.label_dim], dtype=torch.float32, device=x.device)
         else:
             class_labels = class_labels.to(torch.float32).reshape(-1, self.label_dim)
-        fp16 = self.use_fp16 and not force_fp32 and x.device.type == 'cuda'
-        return x, sigma, class_labels, (torch.float16 if fp16 else torch.float32)
+        return x, sigma, class_labels, self.compute_dtype(x.device, force_fp32)
+
+    def compute_dtype(self, device, force_fp32=False):
+        """The dtype F runs in: float16 for EDM's ``use_fp16`` (CUDA only), bfloat16 for
+        ``use_bf16``, the autocast dtype inside a half-precision autocast region when
+        ``autocast_mode='cast'``, else float32."""
+        device = torch.device(device).type
+        if force_fp32:
+            return torch.float32
+        if self.use_fp16 and device == 'cuda':
+            return torch.float16
+        if getattr(self, 'use_bf16', False):
+            return torch.bfloat16
+        if getattr(self, 'autocast_mode', 'cast') == 'cast' and torch.is_autocast_enabled(device):
+            dtype = torch.get_autocast_dtype(device)
+            if dtype in (torch.float16, torch.bfloat16):
+                return dtype
+        return torch.float32
+
+    def precision(self, dtype, device):
+        """The context F runs in: for a half dtype, autocast off (F manages its dtypes itself,
+        as EDM's use_fp16 path does); otherwise the caller's."""
+        if dtype in (torch.float16, torch.bfloat16):
+            return torch.autocast(torch.device(device).type, enabled=False)
+        return contextlib.nullcontext()
+
+    def model_input(self, x, dtype):
+        """F's image input in ``dtype`` and the configured memory layout."""
+        x = x.to(dtype)
+        return x.contiguous(memory_format=torch.channels_last) if getattr(self, 'channels_last', False) else x
 
     def combine(self, x, F_x, c_skip, c_out):
         """D = c_skip·x + c_out·F (only F's first img_channels channels are the image)."""
@@ -78,8 +183,9 @@ class Preconditioner(nn.Module):
     def forward(self, x, sigma, class_labels=None, force_fp32=False, **model_kwargs):
         x, sigma, class_labels, dtype = self.prepare_inputs(x, sigma, class_labels, force_fp32)
         c_skip, c_out, c_in, c_noise = self.precondition(sigma)
-        F_x = self.model((c_in * x).to(dtype), c_noise.flatten(), class_labels=class_labels,
-                         **model_kwargs)
+        with self.precision(dtype, x.device):
+            F_x = self.model(self.model_input(c_in * x, dtype), c_noise.flatten(), class_labels=class_labels,
+                             **model_kwargs)
         return self.combine(x, F_x, c_skip, c_out)
 
     def round_sigma(self, sigma):
@@ -166,15 +272,18 @@ def iddpm_u_table(M=1000, C_1=0.001, C_2=0.008):
         ᾱ(j) = sin²(π/2 · j / (M(C_2+1))),
         u_{j−1} = √((u_j² + 1) / max(ᾱ(j−1)/ᾱ(j), C_1) − 1).
 
-    Computed in float64, returned as float32 (the official checkpoints store it as a buffer).
+    The recursion runs in float32, as ``iDDPMPrecond.__init__`` of NVlabs/edm
+    training/networks.py runs it, so the table equals the buffer of the official checkpoints bit
+    for bit (a float64 recursion differs by 3e-6 at u_{M−1}). Computed on the CPU and returned
+    on the default device.
     """
-    def alpha_bar(j):
-        return math.sin(0.5 * math.pi * j / M / (C_2 + 1)) ** 2
-
-    u = [0.0] * (M + 1)
-    for j in range(M, 0, -1):
-        u[j - 1] = math.sqrt((u[j] ** 2 + 1) / max(alpha_bar(j - 1) / alpha_bar(j), C_1) - 1)
-    return torch.tensor(u, dtype=torch.float32, device='cpu')
+    j = torch.arange(M + 1, dtype=torch.float32, device='cpu')
+    alpha_bar = (0.5 * math.pi * j / M / (C_2 + 1)).sin() ** 2
+    ratio = (alpha_bar[:-1] / alpha_bar[1:]).clip(min=C_1)  # ᾱ(j−1)/ᾱ(j) for j = 1 … M
+    u = torch.zeros(M + 1, dtype=torch.float32, device='cpu')
+    for i in range(M, 0, -1):
+        u[i - 1] = ((u[i] ** 2 + 1) / ratio[i - 1] - 1).sqrt()
+    return u.to(torch.get_default_device())
 
 
 @MODELS.register_module()
@@ -198,8 +307,10 @@ class iDDPMPrecond(Preconditioner):  # noqa: N801 (EDM's class name)
         self.C_2 = C_2
         self.M = M
         self.register_buffer('u', iddpm_u_table(M, C_1, C_2))
-        self.sigma_min = float(self.u[M - 1])
-        self.sigma_max = float(self.u[0])
+
+    # read from the buffer, so that they are those of the loaded checkpoint
+    sigma_min = property(lambda self: float(self.u[self.M - 1]), doc='u_{M−1}, the lowest σ > 0')
+    sigma_max = property(lambda self: float(self.u[0]), doc='u_0, the highest σ')
 
     def alpha_bar(self, j):
         """ᾱ(j) = sin²(π/2 · j / (M(C_2+1)))."""

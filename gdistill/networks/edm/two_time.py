@@ -119,10 +119,11 @@ class TwoTimePrecond(nn.Module):
         net, unet = self.net, self.net.model
         x, sigma, class_labels, dtype = net.prepare_inputs(x, sigma, class_labels, force_fp32)
         c_skip, c_out, c_in, c_noise = net.precondition(sigma)
-        emb = unet.embed(c_noise.flatten(), class_labels, **model_kwargs)
-        if cond_sigma is not None:
-            cond_sigma = torch.as_tensor(cond_sigma, device=x.device)
-            cond_sigma = cond_sigma.to(torch.float32).reshape(-1, 1, 1, 1)
-            emb = emb + self.cond_embedding(net.precondition(cond_sigma)[3].flatten())
-        F_x = unet.backbone((c_in * x).to(dtype), emb)
+        with net.precision(dtype, x.device):     # a half dtype: F wholly in it (see Preconditioner)
+            emb = unet.embed(c_noise.flatten(), class_labels, **model_kwargs)
+            if cond_sigma is not None:
+                cond_sigma = torch.as_tensor(cond_sigma, device=x.device)
+                cond_sigma = cond_sigma.to(torch.float32).reshape(-1, 1, 1, 1)
+                emb = emb + self.cond_embedding(net.precondition(cond_sigma)[3].flatten())
+            F_x = unet.backbone(net.model_input(c_in * x, dtype), emb)
         return net.combine(x, F_x, c_skip, c_out)
