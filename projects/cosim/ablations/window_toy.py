@@ -5,16 +5,14 @@
 #   python tools/ablate.py projects/cosim/ablations/window_toy.py --jobs 2
 #   python docs/figures/cosim_weights.py work_dirs/ablations/cosim_window_toy/*seed* --out w.json
 # Results: docs/ablations.md ("CoSIM: π(t | s)").
+import os.path as _osp
+import runpy as _runpy
+
 base = 'projects/cosim/toy2d.py'
 axes = {'model.time_sampler.window': ['fixed', 'paper']}
 seeds = [0, 1, 2]
-cfg_options = {
-    'model.teacher.fit.target.mixture.name': 'weighted_ring',
-    'train_dataloader.dataset.type': 'MixtureSampleDataset',
-    'train_dataloader.dataset.mixture.name': 'weighted_ring',
-    'train_cfg.max_iters': 1000,
-    'default_hooks.checkpoint.interval': 500,
-}
+# wring8, 1 000 iterations, checkpoints every 500: mixing_toy.py's settings
+cfg_options = _runpy.run_path(_osp.join(_osp.dirname(__file__), 'mixing_toy.py'))['cfg_options']
 work_dir = 'work_dirs/ablations/cosim_window_toy'
 rows = ['CoSIM']
 metrics = ['mmd', 'near_mode', 'mode_tv', 'near_mode_tv']
