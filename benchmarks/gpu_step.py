@@ -171,17 +171,8 @@ class Bench:
         def jvp():
             tangent_terms(student, x, t, dxdt, 0.5, labels, seed=0, method='jvp')
 
-        @contextlib.contextmanager
-        def builtin_rules():
-            real = edm_layers.forward_ad_active
-            edm_layers.forward_ad_active = lambda: False
-            try:
-                yield
-            finally:
-                edm_layers.forward_ad_active = real
-
         def jvp_builtin():
-            with builtin_rules():
+            with edm_layers.builtin_forward_ad():
                 jvp()
 
         net.eval()

@@ -12,7 +12,6 @@ Times are medians over ``--repeats`` interleaved rounds after a warm-up; on CUDA
 call is synchronised.
 """
 import argparse
-import contextlib
 import math
 import os.path as osp
 import statistics
@@ -40,15 +39,7 @@ NETS = {
 }
 
 
-@contextlib.contextmanager
-def builtin_forward_ad():
-    """Inside: the EDM layers use torch's own forward-mode rules, not their written-out ones."""
-    real = edm_layers.forward_ad_active
-    edm_layers.forward_ad_active = lambda: False
-    try:
-        yield
-    finally:
-        edm_layers.forward_ad_active = real
+builtin_forward_ad = edm_layers.builtin_forward_ad
 
 
 def timed(fn, device):

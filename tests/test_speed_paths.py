@@ -49,16 +49,7 @@ def net(arch, label_dim=0, seed=0, **kw):
     return m.eval()
 
 
-@contextlib.contextmanager
-def builtin_forward_ad():
-    """torch's own forward-mode rules for convolution and GroupNorm (the path before the EDM
-    layers wrote them out)."""
-    real = L.forward_ad_active
-    L.forward_ad_active = lambda: False
-    try:
-        yield
-    finally:
-        L.forward_ad_active = real
+builtin_forward_ad = L.builtin_forward_ad
 
 
 class OpLog(TorchDispatchMode):

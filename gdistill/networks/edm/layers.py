@@ -19,6 +19,7 @@ written out (``ConvolutionJvp``: the input tangent only, two convolutions where 
 three; ``GroupNormJvp``: a few fused passes instead of torch's decomposition); elsewhere they are
 torch's own calls, unchanged.
 """
+import contextlib
 import math
 
 import torch
@@ -48,7 +49,22 @@ def forward_ad_active():
     """Whether a forward-mode derivative may be running (inside ``torch.func.jvp`` or
     ``torch.autograd.forward_ad.dual_level``): the layers then use the functions below, whose
     derivatives are written out."""
-    return torch.autograd.forward_ad._current_level >= 0
+    return _WRITTEN_RULES and torch.autograd.forward_ad._current_level >= 0
+
+
+_WRITTEN_RULES = True
+
+
+@contextlib.contextmanager
+def builtin_forward_ad():
+    """Inside: torch's own forward-mode rules for convolution and GroupNorm instead of the
+    written-out ones (to compare the two, as the speed tests and benchmarks do)."""
+    global _WRITTEN_RULES
+    before, _WRITTEN_RULES = _WRITTEN_RULES, False
+    try:
+        yield
+    finally:
+        _WRITTEN_RULES = before
 
 
 class ConvolutionJvp(torch.autograd.Function):
