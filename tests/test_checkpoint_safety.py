@@ -477,3 +477,19 @@ def test_timeout_reaches_mmengine_on_gpus(monkeypatch):
     setup_cpu_distributed(plain, 'pytorch')
     assert 'env_cfg' not in plain   # NCCL's own default
     assert datetime.timedelta(seconds=dist_timeout(cfg)) == datetime.timedelta(seconds=42)
+
+
+def test_eval_tool_process_group_has_the_timeout(monkeypatch):
+    sys.path.insert(0, TOOLS)
+    import eval as eval_tool
+    seen = []
+    monkeypatch.setattr(torch.distributed, 'is_initialized', lambda: False)
+    monkeypatch.setattr(torch.distributed, 'init_process_group', lambda **kw: seen.append(kw))
+    monkeypatch.setattr(torch.distributed, 'get_rank', lambda: 0)
+    monkeypatch.setattr(torch.distributed, 'get_world_size', lambda: 2)
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
+    assert eval_tool.init_distributed('pytorch', 7) == (0, 2)
+    assert eval_tool.init_distributed('pytorch') == (0, 2)
+    assert seen == [dict(backend='gloo', timeout=datetime.timedelta(seconds=7)),
+                    dict(backend='gloo', timeout=datetime.timedelta(seconds=300))]
+    assert eval_tool.init_distributed('none', 7) == (0, 1) and len(seen) == 2

@@ -317,6 +317,10 @@ def test_digits_pipeline_through_the_tools(tmp_path, digits_files, monkeypatch):
     assert ref['n'] == 100
     with np.load(tmp_path / 'ref_ho.npz') as f:
         assert f['mu'].shape == (64,) and f['sigma'].shape == (64, 64) and int(f['n']) == 100
+    raw = eval_tool.main(['gen', osp.join(ROOT, 'projects', 'cosim', 'digits.py'), str(work / 'iter_2.pth'),
+                          '--steps', '4', '--num-samples', '20', '--batch', '10', '--no-ema', '--cfg-options',
+                          f'teacher.checkpoint={teacher_ckpt}', 'teacher.network.' + small[0]])
+    assert raw['source'] == 'student_raw' and np.isfinite(raw['fd_digits'])
     floor = eval_tool.main(['data', osp.join(ROOT, 'projects', 'cosim', 'digits.py'), '--dataset', 'digits:train',
                             '--batch', '700'])
     assert abs(floor['fd_digits']) < 1e-6 and floor['num_samples'] == 1347 and floor['pr_recall'] == 1.0

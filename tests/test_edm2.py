@@ -426,6 +426,16 @@ def test_cosim_step_with_an_edm2_teacher_and_power_ema():
     assert x.shape == (2, 4, 8, 8) and torch.isfinite(x).all()
 
 
+def test_the_tools_sample_an_edm2_teacher_with_edm2s_sampler(tmp_path):
+    # a teacher's rows use its own paper's sampler: EDM2's for an EDM2 network however loaded
+    path, _ = fixture('edm2_pixel_cond')
+    for teacher in (EDM2Teacher(path=path), EDMTeacher(path=path)):
+        assert teacher.reference_sampler() == dict(type='EDM2Sampler', num_steps=32)
+        assert teacher.reference_sampler(8) == dict(type='EDM2Sampler', num_steps=8)
+    edm = EDMTeacher(path=osp.join(DATA, 'edm_fixtures', 'edm_ddpmpp_uncond.pkl'))
+    assert edm.reference_sampler() == dict(type='EDMHeunSampler', num_steps=18)
+
+
 def test_edm_heun_sampler_runs_on_an_edm2_teacher():
     # EDM's sampler reads the network's σ range and round_sigma: EDM2 has neither (no clamping,
     # identity), so in float64 it is EDM2's sampler up to EDM2's float32 grid and state

@@ -318,3 +318,14 @@ def test_augment_warns_when_f_psi_takes_no_augment_labels(monkeypatch):
     assert logged == []
     build('configs/sid/cifar10.py', **{'model.teacher.network': dict(TINY_UNET, augment_dim=0)})
     assert len(logged) == 1 and 'the augmentation pipe writes 9 label columns but f_ψ takes no augment labels' in logged[0]
+
+
+def test_evaluation_sources_pick_the_ema_the_raw_generator_or_the_teacher(tmp_path):
+    from gdistill.engine.image_eval import denoiser_for
+    _, model = build('projects/cosim/toy2d.py', tmp_path)
+    assert model.generator_ema is not None and model.generator_ema is not model.generator
+    assert denoiser_for(model, 'student') is model.generator_ema
+    assert denoiser_for(model, 'student_raw') is model.generator
+    assert denoiser_for(model, 'teacher') is model.teacher
+    with pytest.raises(ValueError, match=r"source is 'student', 'student_raw' or 'teacher', got 'ema'"):
+        denoiser_for(model, 'ema')

@@ -32,6 +32,7 @@ NFE, sample count, and wall and CPU seconds.
 """
 import argparse
 import ast
+import datetime
 import json
 import os
 import os.path as osp
@@ -51,7 +52,7 @@ import gdistill.engine  # noqa: E402,F401
 import gdistill.metrics  # noqa: E402,F401
 import gdistill.networks  # noqa: E402,F401
 from gdistill.engine.image_eval import denoiser_for, evaluate_images, evaluate_sampler, shard_batches  # noqa: E402
-from gdistill.engine.runner import load_trained_model  # noqa: E402
+from gdistill.engine.runner import dist_timeout, load_trained_model  # noqa: E402
 from gdistill.metrics.frechet import FeatureStats, save_reference  # noqa: E402
 from gdistill.metrics.image import ImageEvaluator  # noqa: E402
 from gdistill.networks.edm.precond import PRECISIONS, in_precision  # noqa: E402
@@ -103,12 +104,16 @@ def detector_config(spec):
     return _literal(spec, '--detector')
 
 
-def init_distributed(launcher):
+def init_distributed(launcher, timeout=None):
+    """The process group, with the training runs' timeout (``dist_timeout``: gloo 300 s unless
+    given; NCCL's own default on GPUs), so a hung peer ends the evaluation instead of blocking it."""
     if launcher == 'none':
         return 0, 1
     dist = torch.distributed
     if not dist.is_initialized():
-        dist.init_process_group(backend='nccl' if torch.cuda.is_available() else 'gloo')
+        seconds = dist_timeout({'dist_timeout': timeout})
+        dist.init_process_group(backend='nccl' if torch.cuda.is_available() else 'gloo',
+                                **({'timeout': datetime.timedelta(seconds=seconds)} if seconds else {}))
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get('LOCAL_RANK', 0)))
     return dist.get_rank(), dist.get_world_size()
@@ -167,7 +172,7 @@ def cmd_gen(args, rank, world):
     if args.sampler:
         sampler_cfg, source = _literal(args.sampler, '--sampler'), 'teacher' if args.teacher else 'student'
     elif args.teacher:
-        sampler_cfg, source = dict(type='EDMHeunSampler', num_steps=args.steps or 18), 'teacher'
+        sampler_cfg, source = model.teacher.reference_sampler(args.steps), 'teacher'
     else:
         sampler_cfg, source = dict(cfg.model.sampler), 'student'
         if args.steps:
@@ -176,6 +181,11 @@ def cmd_gen(args, rank, world):
     sampler = with_decoder(build(SAMPLERS, sampler_cfg), cfg.get('decoder'), model)
     if model.teacher is model:  # a DenoisingTrainer: its network is the teacher
         source = 'teacher'
+    if args.no_ema:
+        if args.teacher:
+            raise ValueError("--no-ema chooses the student's raw generator (a trainer's raw network); "
+                             'a distiller\'s teacher has no EMA: drop --teacher or --no-ema')
+        source = 'student_raw'
     evaluator = ImageEvaluator(metrics_of(cfg), device=device())
     net = denoiser_for(model, source)
     net = in_precision(net, args.precision, device())     # the network calls only, not the detector
@@ -242,6 +252,8 @@ def parse_args(argv=None):
     common.add_argument('--batch', type=int, default=500, help='samples per batch (also the seeding block)')
     common.add_argument('--out', help='write the result here (.npz for ref, .json otherwise)')
     common.add_argument('--launcher', choices=['none', 'pytorch'], default='none')
+    common.add_argument('--dist-timeout', type=float, default=None,
+                        help='seconds a collective waits for a peer (default: 300 on CPUs, NCCL\'s on GPUs)')
     common.add_argument('--threads', type=int, help='torch CPU threads')
     common.add_argument('--local-rank', '--local_rank', type=int, default=0)
 
@@ -256,6 +268,7 @@ def parse_args(argv=None):
     g.add_argument('checkpoint')
     g.add_argument('--steps', type=int)
     g.add_argument('--teacher', action='store_true')
+    g.add_argument('--no-ema', action='store_true', help="the student's raw generator, not its EMA")
     g.add_argument('--sampler', help='a SAMPLERS config as a dict literal')
     g.add_argument('--num-samples', type=int, default=4500, help='(not --num: torchrun would take that for its own option)')
     g.add_argument('--seed', type=int, default=0)
@@ -286,7 +299,7 @@ def main(argv=None):
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    rank, world = init_distributed(args.launcher)
+    rank, world = init_distributed(args.launcher, args.dist_timeout)
     start, cpu0 = time.perf_counter(), time.process_time()
     result = dict(ref=cmd_ref, gen=cmd_gen, data=cmd_data, plot=cmd_plot)[args.command](args, rank, world)
     result.update(seconds=round(time.perf_counter() - start, 2), cpu_seconds=round(time.process_time() - cpu0, 2),

@@ -55,6 +55,7 @@ class DenoisingTrainer(BaseModel):
             raise ValueError(f'DenoisingTrainer: sigma_data={sigma_data} but the network is '
                              f'preconditioned for sigma_data={net_sd}')
         self.sigma_data, self.P_mean, self.P_std = float(sigma_data), float(P_mean), float(P_std)
+        self.sampler_cfg = dict(sampler)
         self.sampler = build(SAMPLERS, sampler)
         self.ema_half_life_images, self.ema_rampup = ema_half_life_images, ema_rampup
         self.network_ema = (copy.deepcopy(self.network).requires_grad_(False).eval()
@@ -65,6 +66,10 @@ class DenoisingTrainer(BaseModel):
     @property
     def teacher(self):
         return self
+
+    def reference_sampler(self, num_steps=None):
+        """The configured ``sampler`` (as a teacher's is its paper's), ``num_steps`` overridden."""
+        return dict(self.sampler_cfg, **({'num_steps': num_steps} if num_steps else {}))
 
     @property
     def label_dim(self):

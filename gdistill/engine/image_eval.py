@@ -61,16 +61,18 @@ def shard_batches(num, batch_size, rank=0, world_size=1):
 
 def denoiser_for(model, source):
     """The network a sampler runs for an evaluation row: ``'student'`` is the model's (EMA)
-    generator — for ``DenoisingTrainer`` its (EMA) network — and ``'teacher'`` its frozen teacher
-    (the same network for a trainer, which is its own teacher)."""
+    generator — for ``DenoisingTrainer`` its (EMA) network — ``'student_raw'`` the same without
+    the EMA, and ``'teacher'`` its frozen teacher (the same network for a trainer, which is its
+    own teacher)."""
     model = getattr(model, 'module', model)
     if source == 'teacher' and model.teacher is not model:
         return model.teacher
-    if source not in ('student', 'teacher'):
-        raise ValueError(f"an evaluation's source is 'student' or 'teacher', got {source!r}")
+    if source not in ('student', 'student_raw', 'teacher'):
+        raise ValueError(f"an evaluation's source is 'student', 'student_raw' or 'teacher', got {source!r}")
+    use_ema = source != 'student_raw'
     if hasattr(model, 'sampling_network'):
-        return model.sampling_network()
-    ema = getattr(model, 'network_ema', None)
+        return model.sampling_network(use_ema=use_ema)
+    ema = getattr(model, 'network_ema', None) if use_ema else None
     net = ema if ema is not None else model.network
     return getattr(net, 'module', net)
 
@@ -142,7 +144,7 @@ class ImageMetricHook(Hook):
     """Image metrics during and after training.
 
     ``metrics``: METRICS configs (``FrechetDistance``, ``PrecisionRecall``, ``LabelAccuracy``);
-    ``evaluations``: rows ``dict(name=..., source='student'|'teacher', sampler=SAMPLERS config)``.
+    ``evaluations``: rows ``dict(name=..., source='student'|'student_raw'|'teacher', sampler=SAMPLERS config)``.
     Every ``interval`` iterations the first row is measured on ``interval_samples`` samples and
     its results go to the log and tensorboard (``eval/<key>``); at the end of training every
     row is measured on ``num_samples`` samples, the rows are written to ``metrics.json`` in the

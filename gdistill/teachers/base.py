@@ -18,6 +18,11 @@ class Teacher(nn.Module):
     label_dim: int = 0
     data_shape: tuple = ()
 
+    def reference_sampler(self, num_steps=None):
+        """The SAMPLERS config of the teacher's own paper, which the tools use for its rows:
+        EDM's Heun sampler (Karras et al. 2022, Alg. 1; 18 steps, NFE 35)."""
+        return dict(type='EDMHeunSampler', num_steps=num_steps or 18)
+
     def edm_denoise(self, x, sigma, class_labels=None):
         raise NotImplementedError(f'{type(self).__name__} must define edm_denoise')
 
