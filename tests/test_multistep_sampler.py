@@ -154,3 +154,17 @@ def test_generator_reproducibility(K):
 def test_bad_arguments(kw, match):
     with pytest.raises(ValueError, match=match):
         MultistepSampler(**kw)
+
+
+def test_steps_override_keeps_listed_levels_honest():
+    """A tool's --steps sets num_steps of a ρ-ramp sampler, but cannot change a sampler that
+    lists its levels: the error names the levels and the way to give others."""
+    from gdistill.samplers import config_with_steps
+    ramp = dict(type='MultistepSampler', num_steps=4, scale=4.0)
+    assert config_with_steps(ramp, 2) == dict(ramp, num_steps=2)
+    assert config_with_steps(ramp, None) == ramp and config_with_steps(ramp, 2) is not ramp
+    listed = dict(type='MultistepSampler', sigmas=[80.0, 70.0, 20.0, 0.4])
+    assert MultistepSampler(**{k: v for k, v in config_with_steps(listed, 4).items() if k != 'type'}).nfe == 4
+    with pytest.raises(ValueError, match=r"sigmas=\[80.0, 70.0, 20.0, 0.4\] \(4 steps\), so --steps 2 .*"
+                                         r"--sampler \"dict\(type='MultistepSampler', sigmas=\[...\]\)\""):
+        config_with_steps(listed, 2)

@@ -106,10 +106,51 @@ def test_data_mixing_needs_samples_in_the_batch(tmp_path):
     _, model = build('projects/cosim/toy2d.py', tmp_path, **{'model.mixing': 'data'})
     with pytest.raises(ValueError, match=r"mixing='data' draws x_t ~ p\(x_t \| x0\).*MixtureSampleDataset"):
         model.train_step({'idx': list(range(8))}, sgd(model))
-    with pytest.raises(ValueError, match=r"mixing is 'model' .* or 'data' .*got 'dataset'"):
+    with pytest.raises(ValueError, match=r"mixing is 'model' .*, 'data' .* or 'chain' .*got 'dataset'"):
         build('projects/cosim/toy2d.py', tmp_path, **{'model.mixing': 'dataset'})
     with pytest.raises(ValueError, match=r"HSIVIDistiller draws its own mixing samples"):
         build('configs/hsivi/toy2d.py', tmp_path, **{'model.mixing': 'data'})
+
+
+# --- mixing='chain': x_t is the sampler's chain run to the pair's level ---------------------------
+CHAIN = {'model.mixing': 'chain', 'model.time_sampler.window': 'sampler',
+         'model.time_sampler.sampler_sigmas': [80.0, 20.0, 3.0, 0.5]}
+
+
+def test_chain_mixing_runs_the_samplers_chain(tmp_path, monkeypatch):
+    """With G(x; σ) = 0.9·x the chain's variance is closed-form: v_0 = σ_0², v_{j+1} =
+    0.81·v_j + σ_{j+1}²; the pairs at level σ_i have it per coordinate (and the prior pairs σ_0²),
+    while the one-jump sample of mixing='model' would have 0.81·σ_0² + σ_i² (13–30 % off)."""
+    _, model = build('projects/cosim/toy2d.py', tmp_path, **CHAIN)
+    monkeypatch.setattr(model, 'denoise', lambda net, x, t, labels=None, **kw: 0.9 * x)
+    levels = CHAIN['model.time_sampler.sampler_sigmas']
+    torch.manual_seed(0)
+    pairs = model.time_sampler.sample(150_000, model.schedule, generator=torch.Generator().manual_seed(1))
+    pairs = {k: (v.float() if v.is_floating_point() else v) for k, v in pairs.items()}
+    x_t = model.mixing_samples(pairs, None)
+    top = pairs['from_prior']
+    assert abs(float(x_t[top].var()) / 80.0 ** 2 - 1) < 0.03
+    v = levels[0] ** 2
+    for level in levels[1:]:
+        v = 0.81 * v + level ** 2
+        at = ~top & torch.isclose(pairs['sigma_t'].double(), torch.tensor(level, dtype=torch.float64))
+        assert int(at.sum()) > 20_000
+        ratio = float(x_t[at].var()) / v
+        assert abs(ratio - 1) < 0.03, (level, ratio)
+        if level != levels[1]:      # the first level is the one-jump sample itself
+            one_jump = 0.81 * levels[0] ** 2 + level ** 2
+            assert abs(float(x_t[at].var()) / one_jump - 1) > 0.1
+
+
+def test_chain_mixing_trains_and_needs_the_samplers_levels(tmp_path):
+    _, model = build('projects/cosim/toy2d.py', tmp_path, **CHAIN)
+    _, batch = loader_batch(32)
+    before = [p.detach().clone() for p in model.generator.parameters()]
+    log = model.train_step(batch, sgd(model))
+    assert all(torch.isfinite(v).all() for v in log.values())
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.generator.parameters()))
+    with pytest.raises(ValueError, match=r"mixing='chain' .* window='sampler' .*got CoSIMTimeSampler with window='fixed'"):
+        build('projects/cosim/toy2d.py', tmp_path, **{'model.mixing': 'chain'})
 
 
 def test_data_mixing_is_sync_free(tmp_path):

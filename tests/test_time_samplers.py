@@ -247,7 +247,56 @@ def test_paper_window_follows_appendix_a1(R):
 
 
 def test_paper_window_bad_arguments():
-    with pytest.raises(ValueError, match=r"window is 'fixed' .* or 'paper' .*got 'wide'"):
+    with pytest.raises(ValueError, match=r"window is 'fixed' .* 'paper' .* or 'sampler' .*got 'wide'"):
         CoSIMTimeSampler(window='wide')
     with pytest.raises(ValueError, match=r"window='paper' .* R must be an integer, got 2.5"):
         CoSIMTimeSampler(R=2.5, window='paper')
+
+
+# ----------------------------------------------------------------------------- the sampler's levels
+def test_sampler_window_trains_the_chains_own_jumps():
+    """window='sampler': the non-prior pairs start at the sampler's levels σ_1..σ_{K−1}, each with
+    probability (1 − γ)/(K − 1), and s | t is uniform in u on the stretch down to the next level
+    (σ_min after the last; KS test); the prior pairs keep s ~ U over the ramp."""
+    from scipy.stats import kstest
+    n, gamma, levels = 60_000, 0.3, [80.0, 70.0, 20.0, 0.4]
+    ts = CoSIMTimeSampler(gamma=gamma, window='sampler', sampler_sigmas=levels)
+    p = ts.sample(n, EDMSchedule(), generator=gen(7))
+    top = p.from_prior
+    assert abs(float(top.double().mean()) - gamma) < 5 * math.sqrt(gamma * (1 - gamma) / n)
+    assert bool((p.sigma_t[top] == 80.0).all())
+    u_s, u_t = ts.u_of_sigma(p.sigma_s), ts.u_of_sigma(p.sigma_t)
+    assert kstest(u_s[top].numpy(), 'uniform').pvalue > 1e-3
+    bounds = levels[1:] + [0.002]
+    for i, (hi, lo) in enumerate(zip(bounds[:-1], bounds[1:])):
+        at = ~top & torch.isclose(p.sigma_t, torch.tensor(hi, dtype=torch.float64), rtol=1e-12)
+        share = float(at.double().mean())
+        q = (1 - gamma) / 3
+        assert abs(share - q) < 5 * math.sqrt(q * (1 - q) / n), (hi, share)
+        a, b = ts.u_of_sigma(torch.tensor([hi, lo], dtype=torch.float64)).tolist()
+        rel = (u_s[at] - a) / (b - a)
+        assert kstest(rel.numpy(), 'uniform').pvalue > 1e-3, hi
+    assert int((~top).sum()) == sum(int((~top & torch.isclose(p.sigma_t, torch.tensor(
+        h, dtype=torch.float64), rtol=1e-12)).sum()) for h in bounds[:-1])
+    # the times are the schedule's: t and s map back to the σ drawn
+    torch.testing.assert_close(EDMSchedule().sigma(p.t).double(), p.sigma_t, rtol=1e-9, atol=0)
+
+
+@pytest.mark.parametrize('kw, match', [
+    (dict(window='sampler'), r"needs sampler_sigmas .* got \[\]"),
+    (dict(window='sampler', sampler_sigmas=[70, 20, 0.4]), r"σ_max=80, .* got \[70.0, 20.0, 0.4\]"),
+    (dict(window='sampler', sampler_sigmas=[80, 20, 30]), r"strictly decreasing"),
+    (dict(window='sampler', sampler_sigmas=[80, 0.001]), r"above sigma_min=0.002"),
+    (dict(window='sampler', sampler_sigmas=[80, 20], aux_lognormal=(-1.2, 1.2)), r"aux_lognormal"),
+])
+def test_sampler_window_bad_arguments(kw, match):
+    with pytest.raises(ValueError, match=match):
+        CoSIMTimeSampler(**kw)
+
+
+def test_other_windows_do_not_read_the_sampler_levels():
+    """A grid can switch window='sampler' off and keep sampler_sigmas: the law is then the window's own."""
+    a = CoSIMTimeSampler(window='fixed').sample(1000, EDMSchedule(), generator=gen(3))
+    b = CoSIMTimeSampler(window='fixed', sampler_sigmas=[80, 20]).sample(1000, EDMSchedule(), generator=gen(3))
+    for k in ('sigma_s', 'sigma_t', 'from_prior'):
+        assert torch.equal(a[k], b[k])

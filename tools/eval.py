@@ -58,6 +58,7 @@ from gdistill.metrics.image import ImageEvaluator  # noqa: E402
 from gdistill.networks.edm.precond import PRECISIONS, in_precision  # noqa: E402
 from gdistill.registry import DATASETS, DETECTORS, SAMPLERS, build  # noqa: E402
 from gdistill.samplers.decoded import with_decoder  # noqa: E402
+from gdistill.samplers.multistep import config_with_steps  # noqa: E402
 from train import load_config  # noqa: E402
 
 DETECTOR_KINDS = {'inception': ('InceptionDetector', 'path'), 'dinov2': ('DINOv2Detector', 'path'),
@@ -174,9 +175,7 @@ def cmd_gen(args, rank, world):
     elif args.teacher:
         sampler_cfg, source = model.teacher.reference_sampler(args.steps), 'teacher'
     else:
-        sampler_cfg, source = dict(cfg.model.sampler), 'student'
-        if args.steps:
-            sampler_cfg['num_steps'] = args.steps
+        sampler_cfg, source = config_with_steps(cfg.model.sampler, args.steps), 'student'
     # a latent model's samples are measured as pixels, decoded by the config's `decoder`
     sampler = with_decoder(build(SAMPLERS, sampler_cfg), cfg.get('decoder'), model)
     if model.teacher is model:  # a DenoisingTrainer: its network is the teacher

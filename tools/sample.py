@@ -26,6 +26,7 @@ from gdistill.engine.visual import save_samples_figure  # noqa: E402
 from gdistill.networks.edm.precond import PRECISIONS, in_precision  # noqa: E402
 from gdistill.registry import SAMPLERS, build  # noqa: E402
 from gdistill.samplers.decoded import with_decoder  # noqa: E402
+from gdistill.samplers.multistep import config_with_steps  # noqa: E402
 from train import load_config  # noqa: E402
 
 
@@ -51,10 +52,7 @@ def main(argv=None):
         sampler = build(SAMPLERS, model.teacher.reference_sampler(args.steps))
         net = model.teacher
     else:
-        sampler_cfg = dict(cfg.model.sampler)
-        if args.steps:
-            sampler_cfg['num_steps'] = args.steps
-        sampler = build(SAMPLERS, sampler_cfg)
+        sampler = build(SAMPLERS, config_with_steps(cfg.model.sampler, args.steps))
         net = model.sampling_network(use_ema=not args.no_ema)
     # a latent model's samples are decoded to pixels by the config's `decoder` (e.g. StabilityVAE)
     sampler = with_decoder(sampler, cfg.get('decoder'), model)

@@ -38,7 +38,12 @@ class SemiImplicitDistiller(BaseDistiller):
     - ``'data'``: CoSIM eq. 8 / Algorithm 2, x₀ from the dataset and x_t ~ p(x_t | x₀) =
       a(t)·x₀ + σ(t)·ε. x₀ is the dataloader batch's samples (``inputs``: a toy mixture's exact
       samples from ``MixtureSampleDataset``, images from ``DigitsDataset`` / ``EDMImageDataset``),
-      and its labels are the batch's labels.
+      and its labels are the batch's labels;
+    - ``'chain'`` (not in the paper; measured in docs/digits.md and docs/toy2d.md): with the time
+      sampler's ``window='sampler'``, x_t at the sampler's level σ_i is the sampler's own chain
+      run to σ_i with sg(G) (x = σ_max·z; x ← a·G(x, σ_j) + σ_{j+1}·ε for j < i), i.e. the input
+      G meets at that step when it samples. Costs K − 1 generator forwards without gradient
+      (K the sampler's steps) instead of one.
 
     ``inactive_mode``: the mode of the network that an update does not train — G when it
     makes the ψ-stage's samples (and the mixing samples), f_ψ inside the φ-update: ``'train'``
@@ -58,7 +63,7 @@ class SemiImplicitDistiller(BaseDistiller):
     labels given to f_ψ as ``augment_labels`` (SiD's fake-score loss, ``sid_loss.py``
     ``__call__``); the φ-update is not augmented, as in SiD. None (default): no augmentation."""
 
-    MIXING = ('model', 'data')
+    MIXING = ('model', 'data', 'chain')
     INACTIVE_MODES = ('train', 'eval')
     NONFINITE = ('batch', 'finite')
 
@@ -93,11 +98,18 @@ class SemiImplicitDistiller(BaseDistiller):
     def _set_fidelity_options(self, mixing, inactive_mode, nonfinite, augment):
         name = type(self).__name__
         if mixing not in self.MIXING:
-            raise ValueError(f"{name}: mixing is 'model' (the model's one-jump sample) or 'data' "
-                             f"(x_t ~ p(x_t | x0) with x0 from the dataset, CoSIM eq. 8), got {mixing!r}")
-        if mixing == 'data' and type(self).mixing_samples is not SemiImplicitDistiller.mixing_samples:
-            raise ValueError(f"{name} draws its own mixing samples (its chain); mixing='data' is "
+            raise ValueError(f"{name}: mixing is 'model' (the model's one-jump sample), 'data' "
+                             f"(x_t ~ p(x_t | x0) with x0 from the dataset, CoSIM eq. 8) or 'chain' (the "
+                             f"sampler's chain, with window='sampler'), got {mixing!r}")
+        if mixing != 'model' and type(self).mixing_samples is not SemiImplicitDistiller.mixing_samples:
+            raise ValueError(f"{name} draws its own mixing samples (its chain); mixing={mixing!r} is "
                              "SemiImplicitDistiller's (CoSIM, SiD) only: use mixing='model'")
+        if mixing == 'chain' and getattr(self.time_sampler, 'window', None) != 'sampler':
+            raise ValueError(f"{name}: mixing='chain' runs the sampler's chain to the pair's mixing time, "
+                             "so the mixing times must be the sampler's levels: give the time sampler "
+                             "window='sampler' and sampler_sigmas (CoSIMTimeSampler), got "
+                             f"{type(self.time_sampler).__name__} with window="
+                             f"{getattr(self.time_sampler, 'window', None)!r}")
         if inactive_mode not in self.INACTIVE_MODES:
             raise ValueError(f"{name}: inactive_mode is 'train' or 'eval' (SiD's official loop), "
                              f'got {inactive_mode!r}')
@@ -178,10 +190,26 @@ class SemiImplicitDistiller(BaseDistiller):
             x_T = sched.add_noise(zeros[:m], t_max, self._randn(m))
             net = self.generator_ema if (self.mixing_network == 'ema' and self.generator_ema is not None) \
                 else unwrap(self.generator)
+            lab = labels[rest] if labels is not None else None
             with self.inactive(net):
-                x0 = self.denoise(net, x_T, t_max, labels[rest] if labels is not None else None)
-            x_t[rest] = sched.add_noise(x0, t[rest], self._randn(m))
+                if self.mixing == 'chain':
+                    x_t[rest] = self._chain_to(net, x_T, t_max, pairs['sigma_t'][rest], lab)
+                else:
+                    x0 = self.denoise(net, x_T, t_max, lab)
+                    x_t[rest] = sched.add_noise(x0, t[rest], self._randn(m))
         return x_t
+
+    def _chain_to(self, net, x, t_max, sigma_t, labels):
+        """The sampler's chain from x = x_{t_max}, stopped for each sample at its σ_t (one of the
+        time sampler's levels after σ_max): every sample runs all levels, and keeps its own."""
+        sched, out, t_j = self.schedule, x, t_max
+        for level in self.time_sampler.sampler_sigmas[1:]:
+            x0 = self.denoise(net, x, t_j, labels)
+            sig = torch.full_like(sigma_t, level, dtype=torch.float64)
+            t_j = sched.t_from_edm_sigma(sig).to(t_max.dtype)
+            x = sched.add_noise(x0, t_j, self._randn(x.shape[0]).to(x0.dtype))
+            out = torch.where(append_dims(torch.isclose(sigma_t.double(), sig), x.ndim), x, out)
+        return out
 
     def _draw(self, n, labels, stage, data=None):
         pairs = self.time_sampler.sample(n, self.schedule, device=self.device_, stage=stage)

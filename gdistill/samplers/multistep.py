@@ -59,3 +59,20 @@ class MultistepSampler:
     def __repr__(self):
         return (f'MultistepSampler(num_steps={self.num_steps}, sigmas='
                 f'{[round(float(s), 4) for s in self.sigmas()]})')
+
+
+def config_with_steps(cfg, steps):
+    """A copy of the sampler config ``cfg`` with ``num_steps=steps`` (a tool's ``--steps``). A
+    config that lists its levels (``sigmas``) fixes its own number of steps: asking it for another
+    number is an error that names the levels, not a silent change of sampler."""
+    cfg = dict(cfg)
+    if not steps:
+        return cfg
+    sigmas = cfg.get('sigmas')
+    if sigmas is not None and len(sigmas) != steps:
+        raise ValueError(f"the config's sampler lists its noise levels sigmas={list(sigmas)} ({len(sigmas)} "
+                         f"steps), so --steps {steps} cannot set its number of steps; give the levels "
+                         f"instead: --sampler \"dict(type='{cfg.get('type')}', sigmas=[...])\" "
+                         f"(or num_steps={steps} for the ρ-ramp)")
+    cfg['num_steps'] = steps
+    return cfg

@@ -49,12 +49,19 @@ class CoSIMTimeSampler:
       σ_max), r_t = min(r_s + Γ, 1), Γ = B·U[0, 1]·U{1, ½, …, 1/R} + (1 − B), where the paper's
       B ~ Bernoulli(½) is 1 with probability 1 − ``gamma`` (the paper's ½ is ``gamma=0.5``):
       a mixture of the window sizes 1, ½, …, 1/R, and every pair whose r_t reaches 1 (B = 0,
-      or the window runs past the top) starts at t_max from the prior. R must be an integer."""
+      or the window runs past the top) starts at t_max from the prior. R must be an integer;
+    - ``'sampler'`` (not in the paper; a departure measured in docs/digits.md): the mixing times
+      of the pairs that do not start from the prior are the sampler's own, ``sampler_sigmas``
+      = (σ_max, σ_1, …, σ_{K−1}) as in ``MultistepSampler(sigmas=…)``: t = σ_i with i ~ U{1, …,
+      K−1}, and s | t uniform on the ramp between σ_i and the next level σ_{i+1} (σ_min after
+      the last), i.e. on the stretch the chain's jump from σ_i covers. The pairs from the prior
+      (probability γ) keep s ~ U over the ramp, as for the other windows. R is not used, and
+      the other windows do not read ``sampler_sigmas``."""
 
-    WINDOWS = ('fixed', 'paper')
+    WINDOWS = ('fixed', 'paper', 'sampler')
 
     def __init__(self, sigma_min=0.002, sigma_max=80.0, rho=7.0, gamma=0.5, R=4, u_lo=0.0,
-                 aux_lognormal=None, window='fixed'):
+                 aux_lognormal=None, window='fixed', sampler_sigmas=None):
         _check(sigma_min, sigma_max, rho)
         if not 0 <= gamma <= 1:
             raise ValueError(f'CoSIMTimeSampler: gamma is a probability in [0, 1], got {gamma}')
@@ -66,12 +73,29 @@ class CoSIMTimeSampler:
         self.gamma, self.R, self.u_lo = float(gamma), float(R), float(u_lo)
         self.aux_lognormal = tuple(aux_lognormal) if aux_lognormal is not None else None
         if window not in self.WINDOWS:
-            raise ValueError(f"CoSIMTimeSampler: window is 'fixed' (one window of 1/R) or 'paper' "
-                             f"(App. A.1's mixture of windows 1, 1/2, ..., 1/R), got {window!r}")
+            raise ValueError(f"CoSIMTimeSampler: window is 'fixed' (one window of 1/R), 'paper' "
+                             f"(App. A.1's mixture of windows 1, 1/2, ..., 1/R) or 'sampler' (the "
+                             f"sampler's own levels, sampler_sigmas), got {window!r}")
         if window == 'paper' and R != int(R):
             raise ValueError(f"CoSIMTimeSampler: window='paper' draws the window size from "
                              f"U{{1, 1/2, ..., 1/R}}, so R must be an integer, got {R}")
         self.window = window
+        self.sampler_sigmas = self._check_sampler_sigmas(window, sampler_sigmas)
+
+    def _check_sampler_sigmas(self, window, sigmas):
+        if window == 'sampler' and self.aux_lognormal is not None:
+            raise ValueError("CoSIMTimeSampler: window='sampler' draws s from the sampler's stretches; "
+                             "it cannot be combined with aux_lognormal")
+        if window != 'sampler':  # kept but unread, so that a grid can switch the window alone
+            return None if sigmas is None else tuple(float(x) for x in sigmas)
+        sigmas = [float(x) for x in (sigmas or [])]
+        ok = (len(sigmas) >= 2 and sigmas[0] == self.sigma_max
+              and all(a > b for a, b in zip(sigmas, sigmas[1:])) and sigmas[-1] > self.sigma_min)
+        if not ok:
+            raise ValueError(f"CoSIMTimeSampler: window='sampler' needs sampler_sigmas = the sampler's "
+                             f"levels (σ_max={self.sigma_max:g}, σ_1, ..., σ_(K-1)), at least two, strictly "
+                             f"decreasing, all above sigma_min={self.sigma_min:g}; got {sigmas}")
+        return tuple(sigmas)
 
     def ramp(self, u):
         return rho_ramp(u, self.sigma_min, self.sigma_max, self.rho)
@@ -91,6 +115,15 @@ class CoSIMTimeSampler:
             u_t = u_s - torch.rand(n, generator=generator, **f64) / k
             from_prior = from_prior | (u_t <= 0)
             u_t = u_t.clamp(min=0)
+        elif self.window == 'sampler':
+            # t = σ_i (i ≥ 1) and s on the stretch [σ_{i+1}, σ_i] of the ramp; prior pairs keep u_s
+            levels = torch.tensor(self.sampler_sigmas + (self.sigma_min,), **f64)
+            u_lv = self.u_of_sigma(levels)
+            i = torch.randint(1, len(self.sampler_sigmas), (n,), generator=generator, device=device)
+            u_t = u_lv[i]
+            u_in = u_t + (u_lv[i + 1] - u_t) * torch.rand(n, generator=generator, **f64)
+            u_s = torch.where(from_prior, u_s, u_in)
+            sigma_s = torch.where(from_prior, sigma_s, self.ramp(u_s))
         else:
             lo = (u_s - 1 / self.R).clamp(min=0)
             u_t = lo + (u_s - lo) * torch.rand(n, generator=generator, **f64)
@@ -104,7 +137,8 @@ class CoSIMTimeSampler:
 
     def __repr__(self):
         return (f'CoSIMTimeSampler(sigma_min={self.sigma_min}, sigma_max={self.sigma_max}, '
-                f'rho={self.rho}, gamma={self.gamma}, R={self.R}, u_lo={self.u_lo}, window={self.window!r})')
+                f'rho={self.rho}, gamma={self.gamma}, R={self.R}, u_lo={self.u_lo}, window={self.window!r}'
+                + (f', sampler_sigmas={list(self.sampler_sigmas)})' if self.window == 'sampler' else ')'))
 
 
 @TIME_SAMPLERS.register_module()

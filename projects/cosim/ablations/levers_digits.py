@@ -14,9 +14,13 @@ axes = {
     'model.time_sampler.window': ['fixed', 'paper'],
 }
 seeds = [0, 1, 2]
-# measured with the 4-step sampler's σ scale 1 (its default then; digits.py now samples with 4.0)
-cfg_options = {'train_cfg.max_iters': 1000, 'model.sampler.scale': 1.0,
-               **{f'custom_hooks.3.evaluations.{i}.sampler.scale': 1.0 for i in range(3)}}
+# measured with the ρ-ramp samplers at σ scale 1 (the default then; digits.py now samples at the
+# levels 80, 70, 20, 0.4, and its NFE-2 row at 80, 0.4)
+_ramp = {'sigmas': None, 'scale': 1.0}
+cfg_options = {'train_cfg.max_iters': 1000, **{f'model.sampler.{k}': v for k, v in _ramp.items()},
+               'model.sampler.num_steps': 4,
+               **{f'custom_hooks.3.evaluations.{i}.sampler.{k}': v
+                  for i in range(3) for k, v in dict(_ramp, num_steps=4 >> i).items()}}
 work_dir = 'work_dirs/ablations/cosim_levers_digits'
 rows = ['CoSIM']
 metrics = ['fd_digits', 'pr_precision', 'pr_recall', 'label_accuracy']
