@@ -17,8 +17,9 @@ kernel is trained on at that mixing time (model mixing) — and the mode TV of t
 reported next to that of x̂₀: the σ at which a single kernel jump moves the weights.
 ``--fisher MIXTURE``: no run needed. The weights' visibility to the Fisher divergence at each σ:
 E_q‖σ(∇log q_σ − ∇log p_σ)‖² (exact scores, 20 000 samples of q_σ) for q = the mixture with its
-weights moved to TV 0.1 (half the way to uniform, or further, along w − uniform), against p.
-Prints (σ, value) rows.
+weights moved by TV 0.1 along roll(w, 1) − w (each mode's weight shifted towards its neighbour's),
+or, for equal weights (ring8, grid25), along an alternating ±1 pattern: every other mode gains
+mass. Prints (σ, value) rows.
 
 ``--summarize A.json [B.json ...]``: markdown tables from such outputs, runs grouped by their
 mixture (the path's ``<mixture>/<method>/seed<S>``): per sampler, the last checkpoint's metrics as
@@ -58,7 +59,7 @@ def _checkpoints(run_dir):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('runs', nargs='*')
-    p.add_argument('--fisher', default=None, help='a mixture name (wring8, random16, ring8): weight visibility')
+    p.add_argument('--fisher', default=None, help='a mixture name (wring8, random16, ring8, grid25): weight visibility')
     p.add_argument('--samplers', nargs='*', default=[],
                    help='NAME=S0,S1,... : a MultistepSampler with these noise levels (NFE = their number)')
     p.add_argument('--num-samples', type=int, default=20000)
@@ -202,16 +203,26 @@ def summarize(paths):
     return text
 
 
+def shifted_weights(w, tv):
+    """Mode weights at total variation ``tv`` from ``w``: along roll(w, 1) − w, or, where that is
+    zero (equal weights), along an alternating ±1 pattern centred to sum 0."""
+    direction = torch.roll(w, 1) - w
+    if float(direction.abs().sum()) < 1e-12:
+        direction = torch.tensor([(-1.0) ** k for k in range(len(w))], dtype=w.dtype, device=w.device)
+        direction = direction - direction.mean()
+    q = w + tv * direction / (0.5 * direction.abs().sum())
+    if float(q.min()) < 0:
+        raise ValueError(f'shifted_weights: TV {tv} moves a weight below 0 ({float(q.min()):.3g}); use a smaller tv')
+    return q
+
+
 def fisher_visibility(name, sigmas, tv=0.1, n=20000):
     """E_q‖σ(∇log q_σ − ∇log p_σ)‖² for q = p with weights at TV ``tv`` from p's (exact scores)."""
     from gdistill.data.toy_mixtures import GaussianMixture, make_mixture
     named = dict(wring8=dict(name='weighted_ring'), random16=dict(name='random_mixture', dim=16),
                  ring8=dict(name='ring8'))
     p = make_mixture(named.get(name, name))
-    w = p.weights
-    direction = torch.roll(w, 1) - w            # moves mass between modes, sums to 0
-    direction = direction / (0.5 * direction.abs().sum())
-    q = GaussianMixture(p.means, p.stds, w + tv * direction)
+    q = GaussianMixture(p.means, p.stds, shifted_weights(p.weights, tv))
     g = torch.Generator().manual_seed(0)
     rows = []
     for s in (float(v) for v in sigmas.split(',')):
