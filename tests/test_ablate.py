@@ -73,6 +73,25 @@ def test_bad_grid_files_say_what_is_wrong(tmp_path):
         ablate.load_grid(write_grid(tmp_path / 'e.py', base=TINY, axes={'x': [1]}, plot_x='y'))
 
 
+def test_command_line_work_dir_and_options_reach_every_variant(tmp_path):
+    grid = ablate.load_grid(write_grid(tmp_path / 'g.py', base=TINY, axes={'model.divergence.coef': [0.5, 1.0]},
+                                       cfg_options={'train_cfg.max_iters': 5, 'model.sampler.scale': 1.7}))
+    options = ablate.parse_options(['train_cfg.max_iters=9', 'model.teacher.fit.target.mixture.num_modes=4'])
+    moved = ablate.with_overrides(grid, str(tmp_path / 'elsewhere'), options)
+    assert grid['cfg_options'] == {'train_cfg.max_iters': 5, 'model.sampler.scale': 1.7}  # not mutated
+    for v in ablate.variants(moved):
+        # the command line wins over the grid file's option; the grid's other options stay
+        assert v['options']['train_cfg.max_iters'] == '9' and v['options']['model.sampler.scale'] == '1.7'
+        assert v['options']['model.teacher.fit.target.mixture.num_modes'] == '4'
+        cmd = ablate.command(moved, v, threads=1)
+        assert cmd[cmd.index('--work-dir') + 1] == osp.join(str(tmp_path / 'elsewhere'), v['name'])
+        assert 'model.teacher.fit.target.mixture.num_modes=4' in cmd
+    with pytest.raises(ablate.GridError, match='axes of'):
+        ablate.with_overrides(grid, None, {'model.divergence.coef': 0.75})
+    with pytest.raises(ablate.GridError, match='KEY=VALUE'):
+        ablate.parse_options(['train_cfg.max_iters'])
+
+
 def run_tool(args):
     out = subprocess.run([sys.executable, osp.join(ROOT, 'tools', 'ablate.py')] + args, cwd=ROOT,
                          capture_output=True, text=True, timeout=600, env=dict(os.environ, OMP_NUM_THREADS='1'))

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from gdistill.data.toy_mixtures import (TOY_MIXTURES, GaussianMixture, chi_coverage, grid25,
                                         make_mixture, random_mixture, ring8, weighted_ring)
+from gdistill.metrics.toy import mode_tv, near_mode_fraction
 from gdistill.schedules import EDMSchedule, TrigFlowSchedule, VESchedule, VPSchedule
 
 F64 = torch.float64
@@ -385,11 +386,11 @@ def test_weighted_ring_weights_and_geometry():
         weighted_ring(num_modes=1)
 
 
-def _cosim_weights_script():
+def _figure_script(name):
     import importlib.util
     import os.path as osp
-    path = osp.join(osp.dirname(__file__), '..', 'docs', 'figures', 'cosim_weights.py')
-    spec = importlib.util.spec_from_file_location('cosim_weights', path)
+    path = osp.join(osp.dirname(__file__), '..', 'docs', 'figures', f'{name}.py')
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -400,7 +401,30 @@ def test_fisher_visibility_weight_shift_has_the_asked_tv(name):
     """The Fisher-visibility figure perturbs the weights by exactly the asked TV, for equal weights
     too (roll(w, 1) − w vanishes there: the shift was 0/0 = NaN on ring8 and grid25)."""
     w = make_mixture(dict(name=name)).weights
-    q = _cosim_weights_script().shifted_weights(w, 0.1)
+    q = _figure_script('cosim_weights').shifted_weights(w, 0.1)
     assert torch.isfinite(q).all() and float(q.min()) >= 0
     assert float(q.sum()) == pytest.approx(1.0, abs=1e-9)
     assert 0.5 * float((q - w).abs().sum()) == pytest.approx(0.1, abs=1e-9)
+
+
+def test_grid25_capacity_transport_pushes_the_gaussian_onto_grid25():
+    """The regression target of docs/figures/grid25_capacity.py is an exact solution: applied to
+    each coordinate of N(0, I) it gives grid25's law (equal mode weights, 3-std coverage
+    P(χ²₂ ≤ 9) = 0.9889), and it is monotone in each coordinate."""
+    transport = _figure_script('grid25_capacity').coordinate_transport()
+    z = torch.randn(200_000, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    x = transport(z)
+    mix = grid25()
+    assert near_mode_fraction(x, mix) == pytest.approx(chi_coverage(2), abs=0.002)
+    assert mode_tv(x, mix) < 0.01
+    line = torch.linspace(-6, 6, 10_001, dtype=torch.float64)
+    assert bool((transport(line).diff() >= 0).all())
+    # the quantiles of one coordinate: Φ(z) = 0.2·k + 0.1 lands on the k-th mode's centre
+    mid = torch.special.ndtri(torch.tensor([0.1, 0.3, 0.5, 0.7, 0.9], dtype=torch.float64))
+    assert torch.allclose(transport(mid), torch.tensor([-4., -2., 0., 2., 4.], dtype=torch.float64), atol=1e-3)
+
+
+@pytest.mark.parametrize('spec', ['default', 'hi=', 'hi=80,x', '=80,0.5'])
+def test_cosim_weights_refuses_a_sampler_spec_it_cannot_read(spec):
+    with pytest.raises(SystemExit, match='is not NAME=S0,S1'):
+        _figure_script('cosim_weights').main(['no_such_run', '--samplers', spec])

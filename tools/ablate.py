@@ -1,7 +1,8 @@
 """Run an ablation grid: every variant of a config over a Cartesian product of option values,
 then one CSV, markdown table and plot of their metrics.
 
-    python tools/ablate.py GRID [--jobs N] [--threads T] [--dry-run]
+    python tools/ablate.py GRID [--jobs N] [--threads T] [--dry-run] [--work-dir DIR]
+        [--cfg-options KEY=VALUE ...]
 
 GRID is a Python file of plain values:
 
@@ -20,7 +21,9 @@ Each variant is one ``python tools/train.py BASE --work-dir WORK_DIR/<variant> -
 cores split between them (``--threads`` per process overrides). A variant whose ``metrics.json``
 exists is skipped, and one that was interrupted resumes from its last checkpoint, so running the
 grid again finishes an interrupted grid. A variant that fails is reported in the table with the
-last line of its log, and the others go on.
+last line of its log, and the others go on. ``--work-dir`` and ``--cfg-options`` run the same grid
+elsewhere with extra options for every variant (e.g. on another mixture); they win over the grid
+file's ``work_dir`` and ``cfg_options``, and may not name an axis.
 
 With ``checkpoint``, each variant instead evaluates that checkpoint with its own config (axes such
 as ``model.sampler.num_steps`` and ``model.sampler.scale``): the student with the variant's
@@ -98,6 +101,32 @@ def load_grid(path):
     if grid['checkpoint'] is not None:
         grid['checkpoint'] = _repo_path(grid['checkpoint'])
     grid['path'] = osp.abspath(path)
+    return grid
+
+
+def parse_options(pairs):
+    """``KEY=VALUE`` texts as mmengine's ``--cfg-options`` reads them."""
+    from mmengine.config import DictAction
+    options = {}
+    for kv in pairs:
+        key, eq, value = kv.partition('=')
+        if not eq or not key:
+            raise GridError(f'--cfg-options takes KEY=VALUE, got {kv!r}')
+        options[key] = DictAction._parse_iterable(value)
+    return options
+
+
+def with_overrides(grid, work_dir=None, options=None):
+    """``grid`` with the command line's work dir and extra options (which win over the grid
+    file's own ``cfg_options``). An option on an axis key is refused: the axis would override
+    it in every variant without a word."""
+    clash = sorted(set(options or {}) & set(grid['axes']))
+    if clash:
+        raise GridError(f'--cfg-options {clash} are axes of {grid["path"]}; an axis sets them per variant '
+                        '(edit the grid file to change its values)')
+    grid = dict(grid, cfg_options={**grid['cfg_options'], **(options or {})})
+    if work_dir:
+        grid['work_dir'] = _repo_path(work_dir)
     return grid
 
 
@@ -448,24 +477,23 @@ def main(argv=None):
     p.add_argument('--dry-run', action='store_true', help='list the variants and their commands, run nothing')
     p.add_argument('--evaluate', nargs=2, metavar=('CONFIG', 'CHECKPOINT'),
                    help='(one variant of a checkpoint grid) evaluate CHECKPOINT under CONFIG into --work-dir')
-    p.add_argument('--work-dir')
-    p.add_argument('--cfg-options', nargs='+', default=[], help='KEY=VALUE options (with --evaluate)')
+    p.add_argument('--work-dir', help="the grid's work dir instead of the grid file's (with --evaluate: "
+                   'where metrics.json goes)')
+    p.add_argument('--cfg-options', nargs='+', default=[],
+                   help="KEY=VALUE options given to every variant, on top of the grid file's cfg_options "
+                        '(the same grid on another mixture, say); an axis key is refused')
     args = p.parse_args(argv)
+    options = parse_options(args.cfg_options)
     if args.evaluate:
-        from mmengine.config import DictAction
         if not args.work_dir:
             p.error('--evaluate needs --work-dir')
-        options = {}
-        for kv in args.cfg_options:
-            key, _, value = kv.partition('=')
-            options[key] = DictAction._parse_iterable(value)
         evaluate(args.evaluate[0], args.evaluate[1], args.work_dir, options, args.threads)
         return None
     if not args.grid:
         p.error('give a grid file (or --evaluate CONFIG CHECKPOINT)')
     if args.jobs < 1:
         p.error(f'--jobs must be >= 1, got {args.jobs}')
-    grid = load_grid(args.grid)
+    grid = with_overrides(load_grid(args.grid), args.work_dir, options)
     records = run_grid(grid, args.jobs, args.threads, args.dry_run)
     if records is None:
         return None

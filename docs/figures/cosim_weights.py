@@ -92,8 +92,15 @@ def main(argv=None):
         return fisher_visibility(args.fisher, args.sigmas)
     samplers = [('default', None)]
     for spec in args.samplers:
-        name, _, sig = spec.partition('=')
-        samplers.append((name, [float(s) for s in sig.split(',')]))
+        name, eq, sig = spec.partition('=')
+        try:
+            sigmas = [float(s) for s in sig.split(',')] if eq and name else None
+        except ValueError:
+            sigmas = None
+        if not sigmas:
+            raise SystemExit(f"--samplers: {spec!r} is not NAME=S0,S1,... (e.g. hi=80,20,10,0.3); the run's own "
+                             "sampler is always evaluated, as 'default'")
+        samplers.append((name, sigmas))
     out = []
     for run in args.runs:
         config = _config(run)
