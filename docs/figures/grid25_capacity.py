@@ -1,7 +1,7 @@
 """How fast can the toy's one-step generator learn grid25 when it is *told* the answer?
 
     python docs/figures/grid25_capacity.py [--lr 5e-5] [--beta1 0] [--iters 4000] [--init teacher|random]
-        [--hidden 256] [--depth 3] [--sigma-init 2.5] [--target transport|ode] [--teacher-gap]
+        [--hidden 256] [--depth 3] [--sigma-init 2.5] [--target transport|ode] [--seed 0] [--teacher-gap]
 
 The SiD / CoSIM student on grid25 is G(z) = D(σ_init·z; σ_init) (SiD's one-step generator), a copy
 of the fitted toy teacher (``MLPDenoiser``). Here it is trained by plain regression, with the toy
@@ -83,6 +83,7 @@ def main(argv=None):
     p.add_argument('--teacher-fit-iters', type=int, default=2000, help='the toy teacher fit (cached)')
     p.add_argument('--sigma-init', type=float, default=2.5, help="SiD's σ_init")
     p.add_argument('--threads', type=int, default=1)
+    p.add_argument('--seed', type=int, default=0, help='the batches and the ODE pairs (the evaluation latents stay fixed)')
     p.add_argument('--target', choices=['transport', 'ode'], default='transport',
                    help="the separable transport map, or the teacher's Heun-35 map from 80·z")
     p.add_argument('--teacher-gap', action='store_true', help="the fitted teacher's score off the modes, then exit")
@@ -110,12 +111,12 @@ def main(argv=None):
                 m.reset_parameters()
     sigma = torch.tensor(args.sigma_init)
     opt = torch.optim.Adam(net.parameters(), lr=args.lr, betas=(args.beta1, 0.999), eps=1e-8)
-    gen = torch.Generator().manual_seed(0)
+    gen = torch.Generator().manual_seed(args.seed)
     z_eval = torch.randn(20_000, 2, generator=torch.Generator().manual_seed(1))
     if args.target == 'ode':
         from gdistill.samplers import EDMHeunSampler
         heun = EDMHeunSampler(num_steps=18)
-        z_pool = torch.randn(200_000, 2, generator=torch.Generator().manual_seed(2))
+        z_pool = torch.randn(200_000, 2, generator=torch.Generator().manual_seed(1000 + args.seed))
         with torch.no_grad():
             x_pool = heun(teacher.network, z_pool).float()
             x_eval = heun(teacher.network, z_eval).float()
