@@ -288,6 +288,7 @@ def test_digits_pipeline_through_the_tools(tmp_path, digits_files, monkeypatch):
     tool([train, osp.join(ROOT, 'projects', 'cosim', 'digits.py'), '--cfg-options', 'train_cfg.max_iters=2',
           'train_dataloader.batch_size=8', f'teacher.checkpoint={teacher_ckpt}', 'teacher.network.' + small[0],
           'default_hooks.checkpoint.interval=2', 'custom_hooks.2.interval=2', 'custom_hooks.2.num_samples=4',
+          'model.regression.num_pairs=16',
           hook + 'num_samples=20', hook + 'batch_size=10', hook + 'interval=2', hook + 'interval_samples=10',
           hook + 'grid=4'], tmp_path)
     work = tmp_path / 'work_dirs' / 'digits'
@@ -299,6 +300,7 @@ def test_digits_pipeline_through_the_tools(tmp_path, digits_files, monkeypatch):
         assert r['num_samples'] == 20 and np.isfinite(r['fd_digits']) and 0 <= r['label_accuracy'] <= 1
         assert 0 <= r['pr_precision'] <= 1 and 0 <= r['pr_recall'] <= 1
     assert [h['iter'] for h in report['history']] == [2]
+    assert len(list((tmp_path / 'work_dirs' / 'pairs').glob('teacher_pairs_*.pt'))) == 1  # the regression's pool
     assert (work / 'samples_final.png').stat().st_size > 500
     # tools/eval.py reproduces the hook's figures: same seeds, same batches
     out = tool([ev, 'gen', osp.join(ROOT, 'projects', 'cosim', 'digits.py'), str(work / 'iter_2.pth'), '--steps', '4',

@@ -134,3 +134,13 @@ def test_fsdp_trains_as_ddp_does_and_resumes_exactly(tmp_path, ddp, cache):
     for name in ('aux', 'generator'):
         s, t = b['optimizer'][name]['state'], c['optimizer'][name]['state']
         assert s.keys() == t.keys() and all(torch.equal(s[p][k], t[p][k]) for p in s for k in s[p])
+
+
+def test_ddp_with_the_regression_term_keeps_the_replicas_identical(tmp_path, cache):
+    """The regression adds a second forward of the generator to the φ-update; under DDP its
+    gradient must be all-reduced with the divergence's (one backward), so the processes' weights
+    stay identical."""
+    log = run(tmp_path / 'reg', cache, procs=2, iters=EVERY, every=EVERY,
+              options=['model.regression.weight=1.0', 'model.regression.num_pairs=64'])
+    assert f'iteration {EVERY}: weights identical on all 2 processes' in log
+    assert logged(tmp_path / 'reg', 'loss_regression')

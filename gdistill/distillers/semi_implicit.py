@@ -1,6 +1,7 @@
 """The semi-implicit family: CoSIM (Yu et al. 2025), and SiD (Zhou et al. 2024) as its
 special case with a fixed mixing time."""
 import contextlib
+import inspect
 import logging
 
 import torch
@@ -9,6 +10,7 @@ from mmengine.logging import print_log
 from ..registry import DIVERGENCES, KERNELS, MODELS, TIME_SAMPLERS, build
 from ..utils import append_dims, per_sample_sum
 from .base import BaseDistiller, frozen, unwrap, world_size
+from .regression import TeacherPairRegression
 
 
 @MODELS.register_module()
@@ -61,7 +63,14 @@ class SemiImplicitDistiller(BaseDistiller):
     ``augment``: an augmentation pipe (e.g. ``dict(type='AugmentPipe', p=0.12, ...)``, EDM's)
     applied to the generated x̂₀ in the ψ-update before the kernel noises it, its augmentation
     labels given to f_ψ as ``augment_labels`` (SiD's fake-score loss, ``sid_loss.py``
-    ``__call__``); the φ-update is not augmented, as in SiD. None (default): no augmentation."""
+    ``__call__``); the φ-update is not augmented, as in SiD. None (default): no augmentation.
+
+    ``regression`` (not in CoSIM or SiD): DMD's regression term (Yin et al. 2024, §3.3) added to
+    the φ-update, ``dict(weight=λ_reg, num_pairs=…, sampler=…, levels=…, cache_dir=…)`` (see
+    ``gdistill/distillers/regression.py``): the one-step generator G(σ_g·z) is pulled towards
+    the teacher's deterministic sample from the same latent, on a fixed pool of pairs computed
+    before the first update, and logged as ``loss_regression``; with ``levels`` (the sampler's)
+    the later calls too, from the teacher's trajectory points at those levels. None (default): off."""
 
     MIXING = ('model', 'data', 'chain')
     INACTIVE_MODES = ('train', 'eval')
@@ -74,7 +83,8 @@ class SemiImplicitDistiller(BaseDistiller):
                  time_sampler=dict(type='CoSIMTimeSampler'),
                  sampler=dict(type='MultistepSampler', num_steps=4),
                  generator=None, aux=None, aux_steps=1, mixing_network='generator', share_batch=False,
-                 mixing='model', inactive_mode='train', nonfinite='finite', augment=None, **kwargs):
+                 mixing='model', inactive_mode='train', nonfinite='finite', augment=None, regression=None,
+                 **kwargs):
         super().__init__(teacher, schedule=schedule, sampler=sampler, **kwargs)
         self.kernel = build(KERNELS, kernel)
         self.divergence = build(DIVERGENCES, divergence)
@@ -92,6 +102,7 @@ class SemiImplicitDistiller(BaseDistiller):
                              f'sampler draws the ψ-stage differently (aux_lognormal={self.time_sampler.aux_lognormal})')
         self.share_batch = bool(share_batch)
         self._set_fidelity_options(mixing, inactive_mode, nonfinite, augment)
+        self.regression = self._build_regression(regression)
         self._aux_done, self._shared = 0, []
         self.make_ema()
 
@@ -136,6 +147,44 @@ class SemiImplicitDistiller(BaseDistiller):
                           'cannot tell augmented images apart and may learn the augmentation; build the '
                           f'teacher with augment_dim={self.augment_pipe.label_dim} (EDM\'s CIFAR-10 networks '
                           'have 9)', logger='current', level=logging.WARNING)
+
+    def _build_regression(self, cfg):
+        if cfg is None:
+            return None
+        name = type(self).__name__
+        if (type(self).generator_losses is not SemiImplicitDistiller.generator_losses
+                or type(self).kernel_pass is not SemiImplicitDistiller.kernel_pass):
+            raise ValueError(f'{name} has its own kernel or generator loss; regression is '
+                             "SemiImplicitDistiller's (CoSIM, SiD) only")
+        if not hasattr(self.time_sampler, 'prior_sigma'):
+            raise ValueError(f'{name}: regression feeds the generator prior_sigma·z, which '
+                             f'{type(self.time_sampler).__name__} does not define; use CoSIMTimeSampler or '
+                             'FixedMixingTimeSampler')
+        if not isinstance(cfg, dict):
+            raise TypeError(f'{name}: regression is a dict of TeacherPairRegression options, e.g. '
+                            f'dict(weight=0.25, num_pairs=10000), got {type(cfg).__name__}')
+        known = [k for k in inspect.signature(TeacherPairRegression).parameters if k != 'prior_sigma']
+        unknown = sorted(set(cfg) - set(known))
+        if unknown:
+            raise KeyError(f'{name}: regression takes no {unknown}; its options are {known}')
+        return TeacherPairRegression(prior_sigma=self.time_sampler.prior_sigma, **cfg)
+
+    def regression_losses(self, n):
+        """λ_reg·½‖G(x; σ) − y‖² per sample on n pairs of the pool (computed at the first call),
+        each with its own label: x = σ_g·z at the one-step level σ_g, the teacher's trajectory
+        point at a lower level (``regression.levels``)."""
+        reg = self.regression
+        if reg.pool is None:
+            reg.load_or_compute(self.teacher, self.data_shape, self.teacher.label_dim, self.device_)
+        z, y, lab, k, at = reg.batch(n, self.device_)
+        dtype = torch.get_default_dtype()
+        sigma = torch.tensor(reg.levels, dtype=torch.float64, device=self.device_)[k]
+        x_edm = sigma.to(dtype).view((-1,) + (1,) * (z.ndim - 1)) * z.to(dtype)
+        if at is not None:             # below σ_g: the trajectory's point (x in EDM's variable)
+            x_edm = torch.where(append_dims(k > 0, z.ndim), at.to(dtype), x_edm)
+        t = self.schedule.t_from_edm_sigma(sigma).to(dtype)
+        x_t = append_dims(self.schedule.alpha(t), z.ndim).to(dtype) * x_edm
+        return reg.loss(self.denoise(self.generator, x_t, t, lab), y)
 
     def phases(self):
         return ('aux',) * self.aux_steps + ('generator',)
@@ -290,7 +339,11 @@ class SemiImplicitDistiller(BaseDistiller):
         w = self.divergence.generator_weight(x0, f_phi, pairs['sigma_s'], self.teacher.sigma_data)
         w = w * pairs.get('weight', 1.0)
         loss = self.divergence.generator_loss(f_phi - x0, f_phi - f_psi, w)
-        return dict(loss_generator=reduce_finite(loss, ok, self.nonfinite))
+        out = dict(loss_generator=reduce_finite(loss, ok, self.nonfinite))
+        if self.regression is not None:
+            reg = self.regression_losses(n)
+            out['loss_regression'] = reduce_finite(reg, torch.ones_like(reg, dtype=torch.bool), self.nonfinite)
+        return out
 
 
 def finite_samples(*tensors):

@@ -97,6 +97,11 @@ class CoSIMTimeSampler:
                              f"decreasing, all above sigma_min={self.sigma_min:g}; got {sigmas}")
         return tuple(sigmas)
 
+    @property
+    def prior_sigma(self):
+        """σ of the pairs marked ``from_prior``: the one-step generator's input is prior_sigma·z."""
+        return self.sigma_max
+
     def ramp(self, u):
         return rho_ramp(u, self.sigma_min, self.sigma_max, self.rho)
 
@@ -157,6 +162,10 @@ class FixedMixingTimeSampler(CoSIMTimeSampler):
         if sigma_init <= 0:
             raise ValueError(f'FixedMixingTimeSampler: sigma_init must be > 0, got {sigma_init}')
         self.sigma_init = float(sigma_init)
+
+    @property
+    def prior_sigma(self):
+        return self.sigma_init
 
     def sample(self, n, schedule, device=None, generator=None, stage='generator'):
         pairs = super().sample(n, schedule, device, generator, stage)

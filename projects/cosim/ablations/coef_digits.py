@@ -11,7 +11,8 @@ axes = {
     'train_cfg.max_iters': [500, 1000],
 }
 _ramp = {'sigmas': None, 'scale': 1.0}
-cfg_options = {**{f'model.sampler.{k}': v for k, v in _ramp.items()}, 'model.sampler.num_steps': 4,
+# measured before digits.py turned DMD's regression term on: it stays off here
+cfg_options = {'model.regression': None, **{f'model.sampler.{k}': v for k, v in _ramp.items()}, 'model.sampler.num_steps': 4,
                **{f'custom_hooks.3.evaluations.{i}.sampler.{k}': v
                   for i in range(3) for k, v in dict(_ramp, num_steps=4 >> i).items()}}
 work_dir = 'work_dirs/ablations/cosim_coef_digits'
