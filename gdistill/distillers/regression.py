@@ -132,6 +132,7 @@ class TeacherPairRegression:
                 os.replace(tmp, path)       # a crash never leaves a half-written pool
         self.pool = {k: (pool.get(k).to(device) if pool.get(k) is not None else None)
                      for k in ('latents', 'samples', 'labels', 'points')}
+        self.pool['levels'] = torch.tensor(self.levels, dtype=torch.float64, device=device)  # no copy per step
 
     def batch(self, n, device):
         """n pairs drawn uniformly from the pool, each at a level drawn uniformly from ``levels``:

@@ -178,8 +178,8 @@ class SemiImplicitDistiller(BaseDistiller):
             reg.load_or_compute(self.teacher, self.data_shape, self.teacher.label_dim, self.device_)
         z, y, lab, k, at = reg.batch(n, self.device_)
         dtype = torch.get_default_dtype()
-        sigma = torch.tensor(reg.levels, dtype=torch.float64, device=self.device_)[k]
-        x_edm = sigma.to(dtype).view((-1,) + (1,) * (z.ndim - 1)) * z.to(dtype)
+        sigma = reg.pool['levels'][k]
+        x_edm = append_dims(sigma.to(dtype), z.ndim) * z.to(dtype)
         if at is not None:             # below σ_g: the trajectory's point (x in EDM's variable)
             x_edm = torch.where(append_dims(k > 0, z.ndim), at.to(dtype), x_edm)
         t = self.schedule.t_from_edm_sigma(sigma).to(dtype)
