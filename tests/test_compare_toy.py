@@ -66,3 +66,12 @@ def test_seeds_give_mean_and_std_and_drift(tmp_path):
     # drift: best 0.02 in every seed, last 0.05 / 0.02 / 0.03 -> gaps 0.03, 0, 0.01 -> 2 of 3 within 0.01
     assert '| ring8 | cosim | 3 | 0.020 ± 0.000 | 5 / 5 / 5 | 0.033 ± 0.015 | 0.013 ± 0.015 | 0.040 ± 0.020 | 2/3 |' in table
     assert compare_toy.mean_std([1.0, float('nan'), 3.0]) == (2.0, 2 ** 0.5)
+
+
+def test_variant_runs_its_own_config_on_the_swapped_mixture():
+    cfg = compare_toy.variant_config('cosim_pairs', 'wring4', iters=7, eval_interval=5, seed=1)
+    assert cfg.model.teacher.fit.target.mixture == dict(name='weighted_ring', num_modes=4)
+    assert cfg.model.regression.levels == [80.0, 29.7973, 4.2759, 0.2886] and cfg.model.regression.weight == 10.0
+    assert cfg.optim_wrapper.generator.optimizer.lr == 1e-3
+    assert cfg.optim_wrapper.aux.optimizer.lr == compare_toy.variant_config('cosim', 'wring4', 7, 5).optim_wrapper.aux.optimizer.lr
+    assert 'cosim_pairs' not in compare_toy.METHODS    # a variant is run only when named

@@ -614,3 +614,22 @@ def test_checkpoint_of_another_method_is_refused_naming_both(tmp_path, cache):
     with pytest.raises(CheckpointMismatchError, match=r"holds the networks \['network'\], not "
                                                       r"\['aux', 'generator'\] of this run's SemiImplicitDistiller"):
         check_identity(old, build(cache)[0])
+
+
+def test_a_fitted_toy_teacher_does_not_depend_on_the_run_seed(tmp_path):
+    """Runs with different seeds (and processes racing for an empty cache) fit the same teacher,
+    and fitting leaves the run's random stream where a cache hit leaves it."""
+    def teacher(cache):
+        return TEACHERS.build(dict(type='NetworkTeacher', network=dict(type='MLPDenoiser', dim=2, hidden=16, depth=2),
+                                   fit=dict(target=dict(type='MixtureTeacher', mixture=dict(name='ring8')),
+                                            iters=3, batch_size=32, cache_dir=str(tmp_path / cache))))
+    torch.manual_seed(1)
+    a = teacher('a').network.state_dict()
+    fitted = torch.rand(3)
+    torch.manual_seed(2)
+    b = teacher('b').network.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    torch.manual_seed(1)
+    loaded = teacher('a').network.state_dict()   # a cache hit
+    assert all(torch.equal(a[k], loaded[k]) for k in a)
+    assert torch.equal(torch.rand(3), fitted)

@@ -43,6 +43,11 @@ METHODS = {
     'sct': 'configs/scm/toy2d_sct.py',
     'siddm': 'configs/siddm/toy2d.py',
 }
+# settings of a method under test, run only when named in --methods
+VARIANTS = {
+    'cosim_pairs': 'projects/cosim/toy2d_regression.py',   # CoSIM + DMD's regression at the levels
+}
+CONFIGS = {**METHODS, **VARIANTS}
 MIXTURES = {
     'ring8': dict(name='ring8'),
     'grid25': dict(name='grid25'),
@@ -89,12 +94,12 @@ def stretch_schedules(cfg, old_iters, new_iters):
 def variant_config(method, mixture_name, iters, eval_interval, seed=None, cfg_options=None):
     """The method's toy config for one mixture, as a Config (the caller dumps it); ``seed`` sets
     ``randomness.seed`` and ``cfg_options`` (dotted keys) are merged last."""
-    cfg = Config.fromfile(osp.join(ROOT, METHODS[method]))
+    cfg = Config.fromfile(osp.join(ROOT, CONFIGS[method]))
     data = cfg.to_dict()
     found = []
     _find_mixtures(data, found)
     if not found:
-        raise ValueError(f'{METHODS[method]}: no `mixture` entry to swap; is it a toy config?')
+        raise ValueError(f'{CONFIGS[method]}: no `mixture` entry to swap; is it a toy config?')
     old_dim = _mixture_dim(found[0])
     swap_mixture(data, MIXTURES[mixture_name], old_dim)
     stretch_schedules(data, data['train_cfg']['max_iters'], iters)
@@ -310,9 +315,10 @@ def collect(args, statuses):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('--methods', nargs='+', choices=sorted(METHODS),
+    p.add_argument('--methods', nargs='+', choices=sorted(CONFIGS),
                    default=[m for m, c in METHODS.items() if osp.isfile(osp.join(ROOT, c))],
-                   help='default: every method whose toy config exists')
+                   help='default: every method whose toy config exists; variants '
+                        f'{sorted(VARIANTS)} only when named')
     p.add_argument('--mixtures', nargs='+', default=['ring8', 'grid25', 'random16'], choices=sorted(MIXTURES))
     p.add_argument('--iters', type=int, default=4000)
     p.add_argument('--eval-interval', type=int, default=250)
@@ -327,9 +333,9 @@ def main(argv=None):
     p.add_argument('--cfg-options', nargs='+', action=DictAction, default={},
                    help='KEY=VALUE options merged into every run\'s config')
     args = p.parse_args(argv)
-    missing = [m for m in args.methods if not osp.isfile(osp.join(ROOT, METHODS[m]))]
+    missing = [m for m in args.methods if not osp.isfile(osp.join(ROOT, CONFIGS[m]))]
     if missing:
-        raise FileNotFoundError(f'no toy config for {missing}: expected {[METHODS[m] for m in missing]}')
+        raise FileNotFoundError(f'no toy config for {missing}: expected {[CONFIGS[m] for m in missing]}')
     threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
     todo = [(m, x, seed) for x in args.mixtures for m in args.methods for seed in _seeds(args)]
     with ThreadPoolExecutor(args.jobs) as pool:

@@ -58,8 +58,9 @@ class NetworkTeacher(Teacher):
             raise KeyError(f'NetworkTeacher.fit: unknown keys {sorted(unknown)}; known: '
                            f'{sorted(settings) + ["cache_dir", "target"]}')
         settings.update({k: v for k, v in fit.items() if k != 'cache_dir'})
+        # 'init': fits before the seeded initialisation are not reused
         key = hashlib.sha1(json.dumps([network_cfg, repr(target.mixture) if hasattr(target, 'mixture') else repr(target),
-                                       settings], sort_keys=True, default=str).encode()).hexdigest()[:16]
+                                       settings, 'init'], sort_keys=True, default=str).encode()).hexdigest()[:16]
         cache_dir = fit.get('cache_dir', osp.join('work_dirs', '.teacher_cache'))
         path = osp.join(cache_dir, f'teacher_{key}.pt')
         if osp.isfile(path):
@@ -68,6 +69,11 @@ class NetworkTeacher(Teacher):
             self.fit_report = state['report']
             print_log(f'NetworkTeacher: loaded the fitted teacher from {path}', logger='current')
             return
+        # the initial weights come from the fit's seed, not the run's: every seed of a run (and every
+        # process racing for an empty cache) then fits the same teacher; the run's generator is untouched
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(settings['seed'])
+            self.network = build(MODELS, network_cfg)
         start = time.time()
         self.fit_report = fit_denoiser(self.network, target, **settings)
         self.fit_report['seconds'] = round(time.time() - start, 1)

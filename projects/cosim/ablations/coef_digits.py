@@ -12,7 +12,10 @@ axes = {
 }
 _ramp = {'sigmas': None, 'scale': 1.0}
 # measured before digits.py turned DMD's regression term on: it stays off here
-cfg_options = {'model.regression': None, **{f'model.sampler.{k}': v for k, v in _ramp.items()}, 'model.sampler.num_steps': 4,
+# and at the generator rate of that time (digits.py now steps at 3e-4, β₁ = 0.9)
+cfg_options = {'model.regression': None,
+               'optim_wrapper.generator.optimizer.lr': 5e-5, 'optim_wrapper.generator.optimizer.betas': (0.0, 0.999),
+               **{f'model.sampler.{k}': v for k, v in _ramp.items()}, 'model.sampler.num_steps': 4,
                **{f'custom_hooks.3.evaluations.{i}.sampler.{k}': v
                   for i in range(3) for k, v in dict(_ramp, num_steps=4 >> i).items()}}
 work_dir = 'work_dirs/ablations/cosim_coef_digits'
