@@ -195,3 +195,26 @@ def test_levels_feed_each_call_the_teachers_trajectory_point(tmp_path):
 def test_levels_must_start_at_the_one_step_level_and_decrease(tmp_path, levels):
     with pytest.raises(ValueError, match='levels start at'):
         build('projects/cosim/toy2d.py', tmp_path, **{'model.regression': dict(levels=levels)})
+
+
+def test_level_weights_scale_each_samples_term_by_its_level(tmp_path):
+    """level_weights [1, 0.25, 0] multiply λ·½‖G(x; σ) − y‖² by the weight of each sample's level."""
+    options = dict(weight=2.0, num_pairs=32, sampler=dict(type='EDMHeunSampler', num_steps=6), levels=[80.0, 20.0, 0.4])
+    plain = build('projects/cosim/toy2d.py', tmp_path, **{'model.regression': options})
+    weighted = build('projects/cosim/toy2d.py', tmp_path, **{'model.regression': dict(options, level_weights=[1.0, 0.25, 0.0])})
+    weighted.generator.load_state_dict(plain.generator.state_dict())
+    torch.manual_seed(3)
+    a = plain.regression_losses(64)
+    torch.manual_seed(3)
+    b = weighted.regression_losses(64)
+    torch.manual_seed(3)
+    _, k = torch.randint(0, 32, (64,)), torch.randint(0, 3, (64,))   # the batch's draws: pair, then level
+    torch.testing.assert_close(b, a * torch.tensor([1.0, 0.25, 0.0])[k])
+    assert (b[k == 2] == 0).all() and (b[k == 0] > 0).all()
+
+
+@pytest.mark.parametrize('level_weights', [[1.0, 1.0], [1.0, -0.5, 1.0], [0.0, 0.0, 0.0]])
+def test_level_weights_need_one_non_negative_weight_per_level(tmp_path, level_weights):
+    with pytest.raises(ValueError, match='level_weights takes one multiplier >= 0 per level'):
+        build('projects/cosim/toy2d.py', tmp_path, **{'model.regression': dict(levels=[80.0, 20.0, 0.4],
+                                                                              level_weights=level_weights)})

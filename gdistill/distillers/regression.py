@@ -45,7 +45,9 @@ class TeacherPairRegression:
     ``prior_sigma``: σ_g, the generator's one-step level (set by the distiller).
     ``levels``: None (DMD: the one-step map only), or the sampler's levels (σ_g, σ_1, …):
     each regressed sample draws its level uniformly; below σ_g the input is the teacher's
-    trajectory point there. The trajectory is EDM's Heun ODE integration (Karras et al. 2022,
+    trajectory point there. ``level_weights`` (with ``levels``): a multiplier of λ_reg per level
+    (not in DMD; None = 1 at every level), to weaken or drop the term at some calls.
+    The trajectory is EDM's Heun ODE integration (Karras et al. 2022,
     Algorithm 1) on ``sampler``'s grid with the levels added to it, so ``sampler`` must then be
     an ``EDMHeunSampler`` with S_churn = 0.
     ``cache_dir``: a folder for pools (``torch.save`` of plain tensors), one file per setting,
@@ -55,7 +57,8 @@ class TeacherPairRegression:
     run computes the pool itself unless the file exists."""
 
     def __init__(self, prior_sigma, weight=0.25, num_pairs=10_000,
-                 sampler=dict(type='EDMHeunSampler', num_steps=18), levels=None, seed=0, chunk=1000, cache_dir=None):
+                 sampler=dict(type='EDMHeunSampler', num_steps=18), levels=None, level_weights=None, seed=0, chunk=1000,
+                 cache_dir=None):
         if not weight > 0:
             raise ValueError(f'regression: weight (λ_reg) must be > 0, got {weight}')
         if int(num_pairs) < 1 or int(chunk) < 1:
@@ -74,6 +77,11 @@ class TeacherPairRegression:
         if below and (not isinstance(self.sampler, EDMHeunSampler) or below[0] >= self.sampler.sigma_max):
             raise ValueError(f'regression: levels below σ_g take the teacher\'s trajectory, integrated with '
                              f'EDMHeunSampler from its sigma_max above them; got {self.sampler!r} for levels {below}')
+        if level_weights is not None and (len(level_weights) != len(self.levels) or min(level_weights) < 0
+                                          or not max(level_weights) > 0):
+            raise ValueError(f'regression: level_weights takes one multiplier >= 0 per level of {self.levels}, '
+                             f'not all 0; got {list(level_weights)}')
+        self.level_weights = None if level_weights is None else [float(w) for w in level_weights]
         self.sampler_cfg = repr(self.sampler)
         self.cache_dir = cache_dir
         self.pool = None
@@ -133,6 +141,8 @@ class TeacherPairRegression:
         self.pool = {k: (pool.get(k).to(device) if pool.get(k) is not None else None)
                      for k in ('latents', 'samples', 'labels', 'points')}
         self.pool['levels'] = torch.tensor(self.levels, dtype=torch.float64, device=device)  # no copy per step
+        self.pool['level_weights'] = (None if self.level_weights is None else
+                                      torch.tensor(self.level_weights, dtype=torch.float64, device=device))
 
     def batch(self, n, device):
         """n pairs drawn uniformly from the pool, each at a level drawn uniformly from ``levels``:
@@ -146,9 +156,12 @@ class TeacherPairRegression:
         at = self.pool['points'][i, (k - 1).clamp(min=0)]       # level 0 reads σ_g·z instead
         return z, y, lab, k, at
 
-    def loss(self, x, y):
-        """λ_reg·½‖x − y‖², per sample."""
-        return self.weight * 0.5 * per_sample_sum((x - y.to(x.dtype)).square())
+    def loss(self, x, y, k=None):
+        """λ_reg·½‖x − y‖², per sample; times ``level_weights[k]`` for samples at level index k."""
+        out = self.weight * 0.5 * per_sample_sum((x - y.to(x.dtype)).square())
+        if k is not None and self.level_weights is not None:
+            out = out * self.pool['level_weights'][k].to(out.dtype)
+        return out
 
 
 def heun_trajectory(sampler, denoiser, z, labels, levels):

@@ -70,7 +70,8 @@ class SemiImplicitDistiller(BaseDistiller):
     ``gdistill/distillers/regression.py``): the one-step generator G(σ_g·z) is pulled towards
     the teacher's deterministic sample from the same latent, on a fixed pool of pairs computed
     before the first update, and logged as ``loss_regression``; with ``levels`` (the sampler's)
-    the later calls too, from the teacher's trajectory points at those levels. None (default): off."""
+    the later calls too, from the teacher's trajectory points at those levels (``level_weights``:
+    λ_reg's multiplier per level). None (default): off."""
 
     MIXING = ('model', 'data', 'chain')
     INACTIVE_MODES = ('train', 'eval')
@@ -184,7 +185,7 @@ class SemiImplicitDistiller(BaseDistiller):
             x_edm = torch.where(append_dims(k > 0, z.ndim), at.to(dtype), x_edm)
         t = self.schedule.t_from_edm_sigma(sigma).to(dtype)
         x_t = append_dims(self.schedule.alpha(t), z.ndim).to(dtype) * x_edm
-        return reg.loss(self.denoise(self.generator, x_t, t, lab), y)
+        return reg.loss(self.denoise(self.generator, x_t, t, lab), y, k)
 
     def phases(self):
         return ('aux',) * self.aux_steps + ('generator',)

@@ -15,6 +15,7 @@ seeds = [0]
 cfg_options = {'model.mixing': 'model', 'model.regression.num_pairs': 10000, 'train_cfg.max_iters': 1000,
                'model.regression.levels': [80.0, 70.0, 20.0, 0.4],
                'model.regression.cache_dir': 'work_dirs/pairs',
+               'model.regression.level_weights': None,  # every level (digits.py now leaves out σ = 20)
                'optim_wrapper.generator.optimizer.betas': (0.9, 0.999)}
 work_dir = 'work_dirs/ablations/cosim_regression_lr_digits'
 rows = ['CoSIM']
